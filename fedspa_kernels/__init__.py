@@ -1,0 +1,43 @@
+"""fedspa_kernels: sparse kernels for sparse-to-sparse training and federated aggregation.
+
+Every op has a pure-PyTorch reference, a C++ CPU kernel, a CUDA kernel and a Triton kernel, registered with
+torch.library under the ``fedspa`` namespace. Pick one per call with ``backend=...`` or for a block with
+:func:`use_backend`; :func:`available_backends` says which can run here.
+"""
+
+from __future__ import annotations
+
+from . import _library  # noqa: F401  (the fedspa namespace)
+from .ops import scatter_add_aggregate as _scatter_add_aggregate_op  # noqa: F401  (defines the schemas)
+from . import _extension
+
+_extension.load()  # registers the C++/CUDA kernels; a missing extension leaves the references in place
+
+from ._backends import (  # noqa: E402
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    use_backend,
+)
+from ._info import format_system_info, system_info  # noqa: E402
+from .ops.scatter_add_aggregate import (  # noqa: E402
+    scatter_add_aggregate,
+    scatter_add_aggregate_reference,
+    scatter_add_average,
+    scatter_add_average_reference,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "format_system_info",
+    "scatter_add_aggregate",
+    "scatter_add_aggregate_reference",
+    "scatter_add_average",
+    "scatter_add_average_reference",
+    "system_info",
+    "use_backend",
+]

@@ -1,0 +1,2 @@
+"""Triton kernels, imported lazily on first use (so TRITON_INTERPRET can be set before, and so the package
+imports without triton installed)."""
