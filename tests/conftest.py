@@ -1,0 +1,18 @@
+"""Test setup: Triton runs on its CPU interpreter when there is no GPU (set before any kernel is imported)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fedspa_kernels  # noqa: E402,F401  (loads the extension after TRITON_INTERPRET is set)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0x5EED)
+    yield

@@ -1,0 +1,58 @@
+"""The benchmark tooling runs end to end (tiny shapes): a broken script fails here, not on a lent GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import fedspa_kernels as fk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, env_updates):
+    env = {**os.environ, **env_updates}
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.skipif(not fk.available_backends()["cpp"], reason="the cpp backend is not built")
+def test_cpu_benchmark_and_report(tmp_path):
+    raw = tmp_path / "raw.json"
+    _run(["-m", "pytest", "benchmarks/test_cpu_scatter_add.py", "-q", "-p", "no:cacheprovider",
+          f"--benchmark-json={raw}"],
+         {"FEDSPA_BENCH_N": "20000", "FEDSPA_BENCH_CLIENTS": "3", "FEDSPA_BENCH_ROUNDS": "2",
+          "FEDSPA_BENCH_BASELINE_ROUNDS": "2", "FEDSPA_BENCH_PROBE_NUMEL": "1000000"})
+    out, table = tmp_path / "summary.json", tmp_path / "table.md"
+    _run(["benchmarks/report.py", str(raw), "--out", str(out), "--markdown", str(table),
+          "--versions", json.dumps({"torch": "x"})], {})
+    summary = json.loads(out.read_text())
+    groups = {r["group"] for r in summary["rows"]}
+    assert {"aggregate sum+count, sorted int32", "aggregate sum+count, shuffled int64",
+            "masked average, sorted int32", "memory bandwidth"} <= groups
+    ours = [r for r in summary["rows"] if r["implementation"] == "fedspa cpp"]
+    assert len(ours) == 4 and all(r["speedup_vs_baseline"] > 0 and r["gb_per_s"] > 0 for r in ours)
+    assert summary["measured_bandwidth_gb_per_s"] > 0
+    assert "| masked average, sorted int32 | fedspa cpp |" in table.read_text()
+
+
+def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
+    result = _run(["benchmarks/gpu_bench.py", "--device", "cpu", "--n", "3000", "--clients", "2",
+                   "--copy-numel", "100000", "--out", str(tmp_path)], {})
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].endswith(".csv") and files[1].endswith(".json"), files
+    data = json.loads((tmp_path / files[1]).read_text())
+    assert data["environment"]["torch"] and data["environment"]["copy_bandwidth_gb_per_s"] > 0
+    cases = {r["case"] for r in data["rows"]}
+    assert cases == {"sorted int32", "sorted int64", "shuffled int64"}
+    for case in cases:
+        rows = [r for r in data["rows"] if r["case"] == case]
+        assert sum(r["baseline"] for r in rows) == 1
+        assert all(r["median_ms"] > 0 for r in rows)
+        assert all(r["speedup_vs_baseline"] > 0 for r in rows if not r["baseline"])
+    assert "speed-up" in result.stdout
