@@ -1,0 +1,194 @@
+"""GPU benchmark: fedspa's CUDA and Triton kernels vs PyTorch on the same device, in one run.
+
+    python benchmarks/gpu_bench.py [--ops scatter_add] [--out benchmarks/results]
+
+On CUDA, times are medians of ``triton.testing.do_bench`` (quantiles 0.5/0.2/0.8). Every implementation is
+first checked against the baseline's result. Each row carries the minimum bytes the op must move (inputs read
+once, outputs written once), the effective GB/s, and that as a fraction of the device-to-device copy bandwidth
+measured in the same run. Results go to ``<out>/gpu_<op>_<device>_<date>.{json,csv}`` with the device name,
+torch/triton/CUDA versions, date and shapes.
+
+``--device cpu`` runs the same code with a CPU timer (torch.utils.benchmark) on tiny shapes; the test suite
+uses it so the script cannot rot on machines without a GPU. GPU numbers come only from a GPU run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime as _dt
+import json
+import platform
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import fedspa_kernels as fk
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    case: str
+    implementation: str
+    baseline: bool
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    bytes: int
+    gb_per_s: float
+    fraction_of_copy_bandwidth: float | None = None
+    speedup_vs_baseline: float | None = None
+    shape: dict = dataclasses.field(default_factory=dict)
+
+
+def make_timer(device: torch.device) -> Callable[[Callable[[], object]], tuple[float, float, float]]:
+    """Returns fn -> (median, p20, p80) in milliseconds."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        def cuda_timer(fn):
+            median, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=200)
+            return float(median), float(p20), float(p80)
+
+        return cuda_timer
+
+    from torch.utils.benchmark import Timer
+
+    def cpu_timer(fn):
+        measurement = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2)
+        times = sorted(measurement.times)
+        pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1e3  # noqa: E731
+        return measurement.median * 1e3, pick(0.2), pick(0.8)
+
+    return cpu_timer
+
+
+def copy_bandwidth(device: torch.device, timer, numel: int) -> float:
+    """Device-to-device copy, bytes read + written per second (the practical bandwidth ceiling)."""
+    x = torch.randn(numel, device=device)
+    y = torch.empty_like(x)
+    median, _, _ = timer(lambda: y.copy_(x))
+    return 2 * x.numel() * x.element_size() / (median * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scatter-add aggregation
+# ----------------------------------------------------------------------------------------------------------------
+def bench_scatter_add(device: torch.device, timer, args) -> list[Row]:
+    n, clients, density = args.n, args.clients, args.density
+    generator = torch.Generator().manual_seed(1234)
+    rows: list[Row] = []
+    for case, index_dtype, shuffled in (("sorted int32", torch.int32, False), ("sorted int64", torch.int64, False),
+                                        ("shuffled int64", torch.int64, True)):
+        indices, values = [], []
+        for _ in range(clients):
+            idx = (torch.rand(n, generator=generator) < density).nonzero().squeeze(1)
+            if shuffled:
+                idx = idx[torch.randperm(idx.numel(), generator=generator)]
+            indices.append(idx.to(index_dtype).to(device))
+            values.append(torch.randn(idx.numel(), generator=generator).to(device))
+        weights = (torch.rand(clients, generator=generator) + 0.5).to(device)
+        nbytes = sum(i.numel() * i.element_size() + v.numel() * v.element_size() for i, v in zip(indices, values))
+        nbytes += 2 * n * 4  # sum and coverage written once
+
+        def index_add_loop():
+            total = torch.zeros(n, device=device)
+            count = torch.zeros(n, device=device)
+            for idx, val, w in zip(indices, values, weights):
+                total.index_add_(0, idx, val * w)
+                count.index_add_(0, idx, torch.ones_like(val))
+            return total, count
+
+        implementations: dict[str, Callable[[], object]] = {"index_add_ loop": index_add_loop}
+        native = "cuda" if device.type == "cuda" else "cpp"
+        for backend in (native, "triton"):
+            if fk.available_backends("scatter_add_aggregate")[backend]:
+                implementations[f"fedspa {backend}"] = (
+                    lambda b=backend: fk.scatter_add_aggregate(indices, values, n, weights, backend=b)
+                )
+        expected = index_add_loop()
+        for name, fn in implementations.items():
+            torch.testing.assert_close(fn(), expected, rtol=1e-4, atol=1e-4)
+            median, p20, p80 = timer(fn)
+            rows.append(Row("scatter_add_aggregate", case, name, name == "index_add_ loop", median, p20, p80, nbytes,
+                            nbytes / (median * 1e-3) / 1e9,
+                            shape={"n": n, "clients": clients, "density": density,
+                                   "index_dtype": str(index_dtype).replace("torch.", "")}))
+    return rows
+
+
+BENCHMARKS = {"scatter_add": bench_scatter_add}
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "backends": fk.available_backends(),
+        "timer": "triton.testing.do_bench median" if device.type == "cuda" else "torch.utils.benchmark median",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--n", type=int, default=11_000_000, help="parameters (scatter_add)")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--density", type=float, default=0.5)
+    parser.add_argument("--copy-numel", type=int, default=256 * 2**20, help="elements in the bandwidth probe")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here: GPU numbers come only from a GPU run (use --device cpu to smoke-test)")
+    timer = make_timer(device)
+    env = environment(device)
+    env["copy_bandwidth_gb_per_s"] = copy_bandwidth(device, timer, args.copy_numel)
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    stamp = env["date"][:10]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for op in args.ops:
+        rows = BENCHMARKS[op](device, timer, args)
+        for row in rows:
+            base = next(r for r in rows if r.case == row.case and r.baseline)
+            row.fraction_of_copy_bandwidth = row.gb_per_s / env["copy_bandwidth_gb_per_s"]
+            if not row.baseline:
+                row.speedup_vs_baseline = base.median_ms / row.median_ms
+        stem = args.out / f"gpu_{op}_{slug}_{stamp}"
+        stem.with_suffix(".json").write_text(
+            json.dumps({"environment": env, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n")
+        with stem.with_suffix(".csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[*env.keys(), *dataclasses.asdict(rows[0]).keys()])
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({**{k: json.dumps(v) if isinstance(v, dict) else v for k, v in env.items()},
+                                 **{k: json.dumps(v) if isinstance(v, dict) else v
+                                    for k, v in dataclasses.asdict(r).items()}})
+        print(f"{op} on {env['device']} (copy bandwidth {env['copy_bandwidth_gb_per_s']:.0f} GB/s) -> {stem}.json")
+        print(f"{'case':<16} {'implementation':<18} {'median ms':>10} {'GB/s':>8} {'of copy':>8} {'speed-up':>9}")
+        for r in rows:
+            speed = f"{r.speedup_vs_baseline:.1f}x" if r.speedup_vs_baseline else "baseline"
+            print(f"{r.case:<16} {r.implementation:<18} {r.median_ms:>10.3f} {r.gb_per_s:>8.1f} "
+                  f"{r.fraction_of_copy_bandwidth:>8.0%} {speed:>9}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Turns a pytest-benchmark JSON file into a results file and a markdown table.
+
+    python benchmarks/report.py bench.json [--out benchmarks/results/cpu_scatter_add.json] [--markdown table.md]
+
+For each benchmark group: the median time of every implementation, its effective bandwidth (the minimum
+bytes it must move: inputs read once, outputs written once, over the median time), and the speed-up of each
+non-baseline implementation over the group's baseline. The memory-bandwidth probe of the same run is the
+machine's limit the bandwidths are compared with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import sys
+from pathlib import Path
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def summarize(raw: dict) -> dict:
+    """Groups, medians, GB/s and ratios from pytest-benchmark's JSON."""
+    rows = []
+    for bench in raw["benchmarks"]:
+        extra = bench.get("extra_info", {})
+        median = bench["stats"]["median"]
+        row = {
+            "group": bench["group"],
+            "implementation": extra.get("implementation", bench["name"]),
+            "baseline": bool(extra.get("baseline", False)),
+            "probe": bool(extra.get("probe", False)),
+            "median_ms": median * 1e3,
+            "min_ms": bench["stats"]["min"] * 1e3,
+            "rounds": bench["stats"]["rounds"],
+            "bytes": extra.get("bytes"),
+            "gb_per_s": (extra["bytes"] / median / 1e9) if extra.get("bytes") else None,
+        }
+        row.update({k: v for k, v in extra.items() if k not in row and k not in ("implementation",)})
+        rows.append(row)
+    probes = [r for r in rows if r["probe"] and r["gb_per_s"]]
+    peak = max((r["gb_per_s"] for r in probes), default=None)
+    for group in {r["group"] for r in rows}:
+        members = [r for r in rows if r["group"] == group]
+        baseline = next((r for r in members if r["baseline"]), None)
+        for r in members:
+            if baseline is not None and r is not baseline:
+                r["speedup_vs_baseline"] = baseline["median_ms"] / r["median_ms"]
+            if peak and r["gb_per_s"] and not r["probe"]:
+                r["fraction_of_measured_bandwidth"] = r["gb_per_s"] / peak
+    machine = raw.get("machine_info", {})
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": _cpu_model(),
+            "logical_cpus": machine.get("cpu", {}).get("count"),
+            "python": machine.get("python_version"),
+            "platform": platform.platform(),
+        },
+        "versions": raw.get("versions", {}),
+        "measured_bandwidth_gb_per_s": peak,
+        "rows": sorted(rows, key=lambda r: (r["group"], not r["baseline"], r["implementation"])),
+    }
+
+
+def markdown(summary: dict) -> str:
+    m = summary["machine"]
+    lines = [
+        f"Measured {summary['date']} on {m['cpu']} ({m['logical_cpus']} logical CPUs), "
+        + ", ".join(f"{k} {v}" for k, v in summary["versions"].items())
+        + f"; memory bandwidth probe: {summary['measured_bandwidth_gb_per_s']:.1f} GB/s.",
+        "",
+        "| group | implementation | median ms | GB/s | vs baseline |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in summary["rows"]:
+        if r["probe"]:
+            continue
+        speed = f"{r['speedup_vs_baseline']:.1f}x" if "speedup_vs_baseline" in r else ("baseline" if r["baseline"] else "")
+        gbs = f"{r['gb_per_s']:.1f}" if r["gb_per_s"] else ""
+        lines.append(f"| {r['group']} | {r['implementation']} | {r['median_ms']:.1f} | {gbs} | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("benchmark_json", type=Path)
+    parser.add_argument("--out", type=Path, help="write the summary JSON here")
+    parser.add_argument("--markdown", type=Path, help="write the markdown table here")
+    parser.add_argument("--versions", default="{}", help="JSON object of library versions to record")
+    args = parser.parse_args(argv)
+    raw = json.loads(args.benchmark_json.read_text())
+    raw["versions"] = json.loads(args.versions)
+    summary = summarize(raw)
+    table = markdown(summary)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
+    sys.stdout.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
