@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Sets up everything on a fresh machine: a virtual environment in .venv, pinned torch and tools, and the
+# package built in place (C++ CPU kernels, plus the CUDA kernels when a CUDA toolkit is found).
+#
+#   FEDSPA_BUILD_CUDA=auto|0|1   (default auto; the test command uses 1 so a CUDA build error fails)
+#   CUDA_HOME                    (default /usr/local/cuda when it exists)
+#   PYTHON                       (default python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+
+echo "== installing pinned dependencies (requirements/dev.txt)"
+python -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
+
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+echo "== building fedspa (FEDSPA_BUILD_CUDA=${FEDSPA_BUILD_CUDA:-auto}, CUDA_HOME=${CUDA_HOME:-unset})"
+python -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+python -m fedspa_kernels
