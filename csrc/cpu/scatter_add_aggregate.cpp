@@ -45,6 +45,7 @@
 #define FEDSPA_HAVE_AVX2_PATH 1
 #endif
 
+#include "fedspa/cpu_features.h"
 #include "fedspa/scatter_add_aggregate.h"
 
 namespace fedspa {
@@ -239,13 +240,6 @@ __attribute__((target("avx2"))) int scatter_segment_avx2(const int32_t* idx, con
   return flags;
 }
 
-bool cpu_has_avx2() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0;
-  }();
-  return has;
-}
 #endif
 
 template <typename index_t, typename value_t, typename acc_t>
@@ -254,7 +248,7 @@ int scatter_segment_best(const index_t* idx, const value_t* val, int64_t b, int6
 #if defined(FEDSPA_HAVE_AVX2_PATH)
   if constexpr (std::is_same_v<index_t, int32_t> && std::is_same_v<value_t, float> && std::is_same_v<acc_t, float>) {
     // int32 lane arithmetic on local offsets needs the whole tile below 2^31.
-    if (start + tile_len <= std::numeric_limits<int32_t>::max() && cpu_has_avx2()) {
+    if (start + tile_len <= std::numeric_limits<int32_t>::max() && cpu_has_avx2_fma()) {
       return scatter_segment_avx2(idx, val, b, e, start, tile_len, w, cw, acc);
     }
   }
