@@ -13,7 +13,11 @@ import importlib
 import os
 import sys
 
-KERNEL_MODULES = ("fedspa_kernels.triton_kernels.scatter_add_aggregate",)
+KERNEL_MODULES = (
+    "fedspa_kernels.triton_kernels.scatter_add_aggregate",
+    "fedspa_kernels.triton_kernels.spmm",
+    "fedspa_kernels.triton_kernels.sddmm",
+)
 
 
 def compile_all(archs: tuple[int, ...] = (80, 90)) -> int:

@@ -14,7 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backends import triton_interpreted
 from ..ops.scatter_add_aggregate import (
     AGGREGATE,
     AVERAGE,
@@ -23,6 +22,7 @@ from ..ops.scatter_add_aggregate import (
     check_weight_values,
     raise_first_invalid,
 )
+from ._launch import check_device
 
 _NONE = 2**63 - 1  # "no offending position" in the first-bad table
 _BLOCK = 1024
@@ -75,17 +75,11 @@ def _masked_average_kernel(sum_ptr, cov_ptr, prev_ptr, out_ptr, n, BLOCK: tl.con
     tl.store(out_ptr + offs, average.to(out_ptr.dtype.element_ty), mask=live)
 
 
-def _check_device(op: str, device: torch.device) -> None:
-    if device.type == "cpu" and not triton_interpreted():
-        raise RuntimeError(f"{op}_triton: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before "
-                           "importing fedspa_kernels)")
-
-
 def _scatter(op: str, indices: Sequence[torch.Tensor], values: Sequence[torch.Tensor], weights: torch.Tensor,
              n: int, weighted_coverage: bool) -> tuple[torch.Tensor, torch.Tensor]:
     check_inputs(op, indices, values, weights, n)
     check_weight_values(op, weights)
-    _check_device(op, weights.device)
+    check_device(op, weights.device)
     weights = weights.contiguous()
     total = torch.zeros(n, dtype=weights.dtype, device=weights.device)
     coverage = torch.zeros(n, dtype=weights.dtype, device=weights.device)
