@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from . import _library  # noqa: F401  (the fedspa namespace)
 from .ops import scatter_add_aggregate as _scatter_add_aggregate_op  # noqa: F401  (defines the schemas)
+from .ops import spmm as _spmm_op  # noqa: F401
+from .ops import sddmm as _sddmm_op  # noqa: F401
+from .ops import sparse_matmul as _sparse_matmul_op  # noqa: F401
+from .ops import sampled_matmul as _sampled_matmul_op  # noqa: F401
 from . import _extension
 
 _extension.load()  # registers the C++/CUDA kernels; a missing extension leaves the references in place
@@ -19,7 +23,12 @@ from ._backends import (  # noqa: E402
     available_backends,
     use_backend,
 )
+from .sparse_matrix import SparseMatrix  # noqa: E402
 from ._info import format_system_info, system_info  # noqa: E402
+from .ops.sampled_matmul import masked_matmul, sddmm  # noqa: E402
+from .ops.sddmm import sddmm_reference  # noqa: E402
+from .ops.sparse_matmul import sparse_linear, spmm  # noqa: E402
+from .ops.spmm import spmm_reference  # noqa: E402
 from .ops.scatter_add_aggregate import (  # noqa: E402
     scatter_add_aggregate,
     scatter_add_aggregate_reference,
@@ -32,12 +41,19 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "SparseMatrix",
     "available_backends",
     "format_system_info",
+    "masked_matmul",
     "scatter_add_aggregate",
     "scatter_add_aggregate_reference",
     "scatter_add_average",
     "scatter_add_average_reference",
+    "sddmm",
+    "sddmm_reference",
+    "sparse_linear",
+    "spmm",
+    "spmm_reference",
     "system_info",
     "use_backend",
 ]
