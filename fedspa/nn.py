@@ -1,0 +1,322 @@
+"""Sparse layers whose parameters are only the active weights, on fedspa_kernels' SpMM/SDDMM.
+
+``SparseLinear`` and ``SparseConv2d`` hold the active values as their parameter (so gradients and optimizer
+state exist only for them) and the pattern as buffers (CSR + transpose metadata). :func:`sparsify` turns the
+Linear/Conv2d layers of a model into sparse ones given masks; :func:`densify` turns them back.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fedspa_kernels as fk
+
+_PATTERN_BUFFERS = ("crow_indices", "col_indices", "ccol_indices", "row_indices_t", "perm_t")
+
+
+class _SparseWeight(nn.Module):
+    """A sparse (rows x cols) weight: the `values` parameter plus the pattern buffers."""
+
+    def __init__(self, mask: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+            raise TypeError("mask must be a 2-D bool tensor")
+        pattern = fk.SparseMatrix.from_mask(mask, dtype=dtype or torch.get_default_dtype())
+        self.weight_shape = pattern.shape
+        self.values = nn.Parameter(pattern.values)
+        self._set_pattern(pattern)
+
+    def _set_pattern(self, pattern: fk.SparseMatrix) -> None:
+        for name in _PATTERN_BUFFERS:
+            self.register_buffer(name, getattr(pattern, name))
+
+    def matrix(self) -> fk.SparseMatrix:
+        """The weight as a SparseMatrix over this module's tensors (validated once per pattern change)."""
+        matrix = fk.SparseMatrix(self.crow_indices, self.col_indices, self.values, self.weight_shape,
+                                 ccol_indices=self.ccol_indices, row_indices_t=self.row_indices_t, perm_t=self.perm_t,
+                                 validate=False)
+        versions = getattr(self, "_validated_versions", None)
+        if versions is not None and versions == (self._buffer_ids(), matrix._versions()):
+            matrix._validated_versions = matrix._versions()
+        else:
+            matrix.validate()
+            self._validated_versions = (self._buffer_ids(), matrix._versions())
+        return matrix
+
+    def _buffer_ids(self) -> tuple[int, ...]:
+        return tuple(id(getattr(self, name)) for name in _PATTERN_BUFFERS)
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def mask(self) -> torch.Tensor:
+        """The pattern as a dense bool (rows x cols) tensor."""
+        return self.matrix().mask()
+
+    def dense(self) -> torch.Tensor:
+        """The dense (rows x cols) weight, zeros off the pattern (for inspection; training never forms it)."""
+        return self.matrix().to_dense()
+
+    def set_mask(self, mask: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Moves to a new pattern. Values are kept where old and new patterns overlap and start at zero where
+        the new one grows, unless `values` (one per True entry, row-major) is given. With an unchanged nnz
+        (FedSpa's case) the parameter is updated in place, so optimizers keep their reference to it."""
+        if mask.shape != self.weight_shape:
+            raise ValueError(f"set_mask: mask shape {tuple(mask.shape)} does not match the weight {self.weight_shape}")
+        if mask.device != self.values.device:
+            raise ValueError(f"set_mask: mask is on {mask.device} but the layer is on {self.values.device}")
+        with torch.no_grad():
+            if values is None:
+                dense = self.dense()
+                values = dense[mask]
+            pattern = fk.SparseMatrix.from_mask(mask, values=values.to(self.values.dtype))
+        if pattern.nnz == self.values.numel():
+            with torch.no_grad():
+                self.values.copy_(pattern.values)
+        else:
+            self.values = nn.Parameter(pattern.values)
+        self._set_pattern(pattern)
+        self._validated_versions = None
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W^T + b`` with a sparse W (out_features x in_features) of fixed pattern.
+
+    Its parameters are ``values`` (the active weights) and ``bias``; no dense weight or dense weight gradient
+    is ever formed. Built from a mask (fresh values drawn like ``nn.Linear``'s) or from an ``nn.Linear`` with
+    :meth:`from_dense`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, bias: bool = True, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 backend: str | None = None) -> None:
+        super().__init__()
+        if mask.shape != (out_features, in_features):
+            raise ValueError(f"SparseLinear: mask shape {tuple(mask.shape)} is not (out_features, in_features) = "
+                             f"({out_features}, {in_features})")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.backend = backend
+        self.weight = _SparseWeight(mask.to(device=device) if device is not None else mask, dtype)
+        self.bias = nn.Parameter(torch.empty(out_features, device=self.weight.values.device,
+                                             dtype=self.weight.values.dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0  # nn.Linear's init, at the mask
+        with torch.no_grad():
+            self.weight.values.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor, *, backend: str | None = None) -> SparseLinear:
+        """The sparse layer holding `linear`'s weights at `mask` (and its bias)."""
+        layer = cls(linear.in_features, linear.out_features, mask.to(linear.weight.device), linear.bias is not None,
+                    dtype=linear.weight.dtype, backend=backend)
+        with torch.no_grad():
+            layer.weight.values.copy_(linear.weight[mask.to(linear.weight.device)])
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with this layer's weights (zeros off the pattern)."""
+        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                          device=self.weight.values.device, dtype=self.weight.values.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight.dense())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def mask(self) -> torch.Tensor:
+        """The pattern, shaped like the dense weight (out_features, in_features)."""
+        return self.weight.mask()
+
+    def set_mask(self, mask: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Moves to a new pattern (see ``_SparseWeight.set_mask``)."""
+        self.weight.set_mask(mask, values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fk.sparse_linear(x, self.weight.matrix(), self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        total = self.in_features * self.out_features
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"nnz={self.weight.nnz}, density={self.weight.nnz / total if total else 0:.4f}")
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class SparseConv2d(nn.Module):
+    """A 2-D convolution (groups = 1, zero padding) with a sparse weight, as im2col + SpMM.
+
+    The weight (out_channels, in_channels, kh, kw) is stored flattened to (out_channels, in_channels*kh*kw)
+    as a sparse matrix; the forward unfolds the input into (in_channels*kh*kw, batch*positions) and multiplies.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, mask: torch.Tensor, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 backend: str | None = None) -> None:
+        super().__init__()
+        if groups != 1:
+            raise ValueError(f"SparseConv2d supports groups=1 only, got groups={groups}")
+        if padding_mode != "zeros":
+            raise ValueError(f"SparseConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
+        if isinstance(padding, str):
+            raise ValueError(f"SparseConv2d takes integer padding, got {padding!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.backend = backend
+        shape = (out_channels, in_channels, *self.kernel_size)
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"SparseConv2d: mask shape {tuple(mask.shape)} is not {shape}")
+        flat = mask.reshape(out_channels, -1)
+        self.weight = _SparseWeight(flat.to(device=device) if device is not None else flat, dtype)
+        self.bias = nn.Parameter(torch.empty(out_channels, device=self.weight.values.device,
+                                             dtype=self.weight.values.dtype)) if bias else None
+        self.reset_parameters()
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.fan_in) if self.fan_in else 0.0  # nn.Conv2d's init, at the mask
+        with torch.no_grad():
+            self.weight.values.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor, *, backend: str | None = None) -> SparseConv2d:
+        """The sparse layer holding `conv`'s weights at `mask` (same geometry, and its bias)."""
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, mask.to(conv.weight.device), conv.stride,
+                    conv.padding, conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                    dtype=conv.weight.dtype, backend=backend)
+        with torch.no_grad():
+            layer.weight.values.copy_(conv.weight[mask.to(conv.weight.device)])
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with this layer's weights (zeros off the pattern)."""
+        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                          self.dilation, 1, self.bias is not None, device=self.weight.values.device,
+                          dtype=self.weight.values.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight.dense().reshape(dense.weight.shape))
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def mask(self) -> torch.Tensor:
+        """The pattern, shaped like the dense weight (out_channels, in_channels, kh, kw)."""
+        return self.weight.mask().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def set_mask(self, mask: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Moves to a new pattern given in the dense weight's shape (see ``_SparseWeight.set_mask``)."""
+        self.weight.set_mask(mask.reshape(self.out_channels, -1), values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"SparseConv2d: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        batch, _, height, width = x.shape
+        out_h = (height + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        out_w = (width + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        columns = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*kh*kw, L)
+        dense = columns.transpose(0, 1).reshape(self.fan_in, batch * out_h * out_w)  # feature-major
+        out = fk.spmm(self.weight.matrix(), dense, backend=self.backend)  # (out_channels, N*L)
+        out = out.reshape(self.out_channels, batch, out_h, out_w).transpose(0, 1)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
+
+    def extra_repr(self) -> str:
+        total = self.out_channels * self.fan_in
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+                f"nnz={self.weight.nnz}, density={self.weight.nnz / total if total else 0:.4f}")
+
+
+SPARSE_LAYERS = (SparseLinear, SparseConv2d)
+
+
+def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], *, inplace: bool = False,
+             backend: str | None = None) -> nn.Module:
+    """Replaces the Linear/Conv2d layers named in `masks` (module name -> bool mask shaped like its weight)
+    by SparseLinear/SparseConv2d holding the weights at the mask. Other layers stay dense.
+
+    Raises:
+        ValueError: a name that is not a Linear/Conv2d of the model, or a mask of the wrong shape.
+    """
+    target = model if inplace else copy.deepcopy(model)
+    modules = dict(target.named_modules())
+    for name, mask in masks.items():
+        layer = modules.get(name)
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"sparsify: {name!r} is not a Linear or Conv2d layer of the model "
+                             f"(got {type(layer).__name__ if layer is not None else 'nothing'})")
+        if tuple(mask.shape) != tuple(layer.weight.shape):
+            raise ValueError(f"sparsify: mask for {name!r} has shape {tuple(mask.shape)}, the weight "
+                             f"{tuple(layer.weight.shape)}")
+        kind = SparseLinear if isinstance(layer, nn.Linear) else SparseConv2d
+        _replace(target, name, kind.from_dense(layer, mask, backend=backend))
+    return target
+
+
+def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Replaces every SparseLinear/SparseConv2d by the equivalent dense layer (zeros off the pattern)."""
+    target = model if inplace else copy.deepcopy(model)
+    for name, layer in list(target.named_modules()):
+        if isinstance(layer, SPARSE_LAYERS):
+            _replace(target, name, layer.to_dense())
+    return target
+
+
+def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The masks of a model's sparse layers, shaped like the dense weights (module name -> bool tensor)."""
+    return {name: layer.mask() for name, layer in model.named_modules() if isinstance(layer, SPARSE_LAYERS)}
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def training_memory_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes held for training: parameters, their gradients, optimizer state, and buffers (sparse patterns).
+
+    Counts the storage of the tensors that exist right now (call after a step for optimizer state).
+    """
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    params = list(model.parameters())
+    state = 0
+    if optimizer is not None:
+        for per_param in optimizer.state.values():
+            state += sum(size(v) for v in per_param.values() if isinstance(v, torch.Tensor))
+    result = {
+        "parameters": sum(size(p) for p in params),
+        "gradients": sum(size(p.grad) for p in params if p.grad is not None),
+        "optimizer_state": state,
+        "buffers": sum(size(b) for b in model.buffers()),
+    }
+    result["total"] = sum(result.values())
+    return result
