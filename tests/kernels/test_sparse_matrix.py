@@ -1,0 +1,124 @@
+"""SparseMatrix: construction, the cached transpose metadata, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedspa_kernels as fk
+
+DENSITIES = [0.0, 0.01, 0.1, 0.5, 1.0]
+
+
+def _random(rows, cols, density, dtype=torch.float32):
+    dense = torch.randn(rows, cols, dtype=dtype)
+    mask = torch.rand(rows, cols) < density
+    return dense, mask
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", [(37, 53), (1, 1), (64, 7), (5, 300)])
+def test_from_dense_round_trip_and_transpose_metadata(shape, density):
+    dense, mask = _random(*shape, density)
+    mask[0] = False  # an empty row
+    S = fk.SparseMatrix.from_dense(dense, mask)
+    assert S.shape == shape and S.nnz == int(mask.sum())
+    assert torch.equal(S.to_dense(), dense * mask)
+    assert torch.equal(S.mask(), mask)
+    assert S.crow_indices.dtype == torch.int64 and S.col_indices.dtype == torch.int32
+    # CSR: row-major order of the mask's True entries
+    rows, cols = mask.nonzero(as_tuple=True)
+    assert torch.equal(S.row_indices(), rows) and torch.equal(S.col_indices.long(), cols)
+    # CSC metadata: column-major order, each entry pointing at the same (row, col) in CSR order
+    rows_t, cols_t = mask.t().nonzero(as_tuple=True)  # (col, row) pairs in column-major order
+    assert torch.equal(S.row_indices_t.long(), cols_t)
+    assert torch.equal(S.ccol_indices[1:] - S.ccol_indices[:-1], mask.sum(0))
+    perm = S.perm_t.long()
+    assert torch.equal(rows[perm], cols_t) and torch.equal(cols[perm], rows_t)
+    S.validate()
+
+
+def test_from_dense_defaults_to_nonzeros_and_keeps_autograd():
+    dense = torch.tensor([[0.0, 2.0], [3.0, 0.0]], requires_grad=True)
+    S = fk.SparseMatrix.from_dense(dense)
+    assert S.nnz == 2 and S.values.tolist() == [2.0, 3.0]
+    S.values.sum().backward()
+    assert dense.grad.tolist() == [[0.0, 1.0], [1.0, 0.0]]
+
+
+def test_from_mask_and_from_csr():
+    mask = torch.tensor([[True, False, True], [False, False, False], [False, True, False]])
+    S = fk.SparseMatrix.from_mask(mask, dtype=torch.float64)
+    assert S.values.dtype == torch.float64 and S.values.tolist() == [0.0, 0.0, 0.0]
+    T = fk.SparseMatrix.from_csr(torch.tensor([0, 2, 2, 3]), torch.tensor([0, 2, 1]), torch.tensor([1.0, 2.0, 3.0]),
+                                 (3, 3))
+    assert torch.equal(T.mask(), mask)
+    assert T.to_dense().tolist() == [[1.0, 0.0, 2.0], [0.0, 0.0, 0.0], [0.0, 3.0, 0.0]]
+    with pytest.raises(ValueError, match="expected 3 values"):
+        fk.SparseMatrix.from_mask(mask, values=torch.ones(2))
+
+
+def test_with_values_to_and_memory():
+    dense, mask = _random(20, 30, 0.2)
+    S = fk.SparseMatrix.from_dense(dense, mask)
+    V = S.with_values(torch.ones(S.nnz))
+    assert V.col_indices is S.col_indices and torch.equal(V.to_dense(), mask.float())
+    with pytest.raises(ValueError, match=f"expected {S.nnz} values"):
+        S.with_values(torch.ones(S.nnz + 1))
+    D = S.to(dtype=torch.float64)
+    assert D.dtype == torch.float64 and torch.equal(D.to_dense(), (dense * mask).double())
+    memory = S.memory_bytes()
+    assert memory["values"] == 4 * S.nnz
+    assert memory["csr_indices"] == 8 * 21 + 4 * S.nnz
+    assert memory["transpose_metadata"] == 8 * 31 + 8 * S.nnz
+
+
+def test_construction_errors():
+    dense, mask = _random(4, 5, 0.5)
+    with pytest.raises(ValueError, match=r"mask shape \(5, 4\) does not match the matrix shape \(4, 5\)"):
+        fk.SparseMatrix.from_dense(dense, mask.t())
+    with pytest.raises(TypeError, match="mask must be a bool tensor, got torch.float32"):
+        fk.SparseMatrix.from_dense(dense, mask.float())
+    with pytest.raises(TypeError, match="dense must be floating"):
+        fk.SparseMatrix.from_dense(dense.long(), mask)
+    with pytest.raises(ValueError, match="dense must be a 2-D tensor"):
+        fk.SparseMatrix.from_dense(dense[0], mask[0])
+    with pytest.raises(ValueError, match="mask is on meta but the matrix is on cpu"):
+        fk.SparseMatrix.from_dense(dense, mask.to("meta"))
+
+
+@pytest.mark.parametrize(
+    "crow,col,message",
+    [
+        ([0, 2, 3], [1, 1, 0], "column indices of row 0 are not strictly increasing at nonzero 1: 1 then 1"),
+        ([0, 2, 3], [2, 1, 0], "column indices of row 0 are not strictly increasing"),
+        ([0, 2, 3], [0, 5, 1], r"col_indices\[1\] = 5 is outside \[0, 4\)"),
+        ([0, 2, 1], [0, 1, 2], "must start at 0 and end at nnz=3, got 0 and 1"),
+        ([0, 3, 2, 3], [0, 1, 2], "crow_indices decreases at row 1: 3 -> 2"),
+        ([1, 2, 3], [0, 1, 2], "must start at 0"),
+    ],
+)
+def test_from_csr_rejects_bad_structures(crow, col, message):
+    rows = len(crow) - 1
+    with pytest.raises(ValueError, match=message):
+        fk.SparseMatrix.from_csr(torch.tensor(crow), torch.tensor(col), torch.ones(len(col)), (rows, 4))
+
+
+def test_from_csr_rejects_wrong_lengths():
+    with pytest.raises(ValueError, match="crow_indices has 3 entries, expected rows \\+ 1 = 4"):
+        fk.SparseMatrix.from_csr(torch.tensor([0, 1, 2]), torch.tensor([0, 1]), torch.ones(2), (3, 4))
+    with pytest.raises(ValueError, match="3 values for 2 nonzeros"):
+        fk.SparseMatrix.from_csr(torch.tensor([0, 1, 2]), torch.tensor([0, 1]), torch.ones(3), (2, 4))
+
+
+def test_in_place_corruption_is_caught_before_use():
+    dense, mask = _random(30, 40, 0.3)
+    S = fk.SparseMatrix.from_dense(dense, mask)
+    S.ensure_valid()  # nothing changed: no re-validation needed, no error
+    S.col_indices[3] = 1000  # an in-place write bumps the tensor's version
+    with pytest.raises(ValueError, match=r"col_indices\[3\] = 1000 is outside \[0, 40\)"):
+        fk.spmm(S, torch.randn(40, 2))
+    S2 = fk.SparseMatrix.from_dense(dense, mask)
+    S2.perm_t[[0, 1]] = S2.perm_t[[1, 0]]  # still a permutation, but the orders no longer agree
+    with pytest.raises(ValueError, match="in its transpose"):
+        S2.ensure_valid()

@@ -1,0 +1,285 @@
+"""SpMM, SDDMM, masked_matmul and sparse_linear: every backend against the reference and the dense math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedspa_kernels as fk
+from tests.helpers import backend_device_params, poison_allocator
+
+PARAMS = backend_device_params("spmm")
+DENSITIES = [0.0, 0.01, 0.1, 0.5, 1.0]
+# (rows, cols): odd sizes; 2100 and 1100 columns cross the CPU kernels' L2 panels (2048 fp32 / 1024 fp64 rows)
+SHAPES = [(37, 53), (1, 1), (64, 130), (30, 2100)]
+
+
+def _supports(backend: str, device: str, dtype: torch.dtype) -> bool:
+    if backend == "cpp" and dtype in (torch.float16, torch.bfloat16):
+        return False
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        return False  # bf16 is wrong under the Triton interpreter
+    return True
+
+
+def _tol(dtype):
+    return {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+
+
+def _matrix(rows, cols, density, dtype, device):
+    dense = torch.randn(rows, cols, dtype=torch.float64)
+    mask = torch.rand(rows, cols) < density
+    if rows > 2:
+        mask[1] = False  # an empty row
+    return fk.SparseMatrix.from_dense(dense.to(dtype).to(device), mask.to(device))
+
+
+def _close(got, expected, dtype):
+    tol = _tol(dtype)
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(got.double(), expected.double(), rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [1, 7, 64, 100])
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_spmm_matches_dense(backend, device, shape, density, n):
+    if backend == "triton" and device == "cpu" and shape[1] > 500 and (n > 7 or density > 0.01):
+        pytest.skip("too slow for the Triton CPU interpreter (the panel-crossing shape is for the CPU kernels)")
+    S = _matrix(*shape, density, torch.float32, device)
+    dense_w = S.to_dense().double()
+    d = torch.randn(shape[1], n, device=device)
+    e = torch.randn(shape[0], n, device=device)
+    poison_allocator(shape[0] * n, torch.float32, device)
+    _close(fk.spmm(S, d, backend=backend), dense_w @ d.double(), torch.float32)
+    poison_allocator(shape[1] * n, torch.float32, device)
+    _close(fk.spmm(S, e, transpose=True, backend=backend), dense_w.t() @ e.double(), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_spmm_sddmm_dtypes(backend, device, dtype):
+    S = _matrix(40, 1100, 0.1, dtype, device)
+    d = torch.randn(1100, 70, device=device).to(dtype)
+    a, b = torch.randn(40, 70, device=device).to(dtype), torch.randn(70, 1100, device=device).to(dtype)
+    if not _supports(backend, device, dtype):
+        if backend == "cpp":
+            with pytest.raises(TypeError, match=r"\(cpp\): values must be a 1-D float32 or float64"):
+                fk.spmm(S, d, backend=backend)
+            return
+        pytest.skip(f"{dtype} unsupported by {backend} on {device}")
+    expected = S.to_dense().double() @ d.double()
+    _close(fk.spmm(S, d, backend=backend), expected, dtype)
+    _close(fk.sddmm(a, b, S, backend=backend), (a.double() @ b.double())[S.mask()], dtype)
+    assert fk.spmm(S, d, backend=backend).dtype == dtype
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("k", [1, 7, 64, 130])
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_sddmm_matches_dense(backend, device, shape, density, k):
+    if backend == "triton" and device == "cpu" and shape[1] > 500 and (k > 7 or density > 0.01):
+        pytest.skip("too slow for the Triton CPU interpreter (the panel-crossing shape is for the CPU kernels)")
+    S = _matrix(*shape, density, torch.float32, device)
+    a = torch.randn(shape[0], k, device=device)
+    b = torch.randn(k, shape[1], device=device)
+    poison_allocator(S.nnz, torch.float32, device)
+    got = fk.sddmm(a, b, S, backend=backend)
+    assert got.shape == (S.nnz,)
+    _close(got, (a.double() @ b.double())[S.mask()], torch.float32)
+    mask = S.mask()
+    _close(fk.masked_matmul(a, b, mask, backend=backend), (a.double() @ b.double())[mask], torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_zero_inner_dimension_and_batch_one(backend, device):
+    S = _matrix(6, 9, 0.5, torch.float32, device)
+    out = fk.sddmm(torch.randn(6, 0, device=device), torch.randn(0, 9, device=device), S, backend=backend)
+    assert torch.equal(out, torch.zeros(S.nnz, device=device))
+    x = torch.randn(9, device=device)  # a vector
+    _close(fk.spmm(S, x, backend=backend), S.to_dense().double() @ x.double(), torch.float32)
+    x1 = torch.randn(1, 9, device=device)  # batch 1
+    _close(fk.sparse_linear(x1, S, backend=backend), x1.double() @ S.to_dense().double().t(), torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_noncontiguous_and_transposed_operands(backend, device):
+    S = _matrix(40, 60, 0.2, torch.float32, device)
+    big = torch.randn(60, 30, device=device)
+    strided = big[:, ::3]  # column stride 3
+    transposed = torch.randn(10, 60, device=device).t()  # (60, 10) column-major
+    for d in (strided, transposed):
+        assert not d.is_contiguous()
+        _close(fk.spmm(S, d, backend=backend), S.to_dense().double() @ d.double(), torch.float32)
+    a = torch.randn(12, 40, device=device).t()  # (40, 12) view
+    b = torch.randn(60, 12, device=device).t()  # (12, 60) view
+    _close(fk.sddmm(a, b, S, backend=backend), (a.double() @ b.double())[S.mask()], torch.float32)
+    x = torch.randn(5, 120, device=device)[:, ::2]  # (5, 60) strided rows
+    _close(fk.sparse_linear(x, S, backend=backend), x.double() @ S.to_dense().double().t(), torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_kernel_ops_with_perm(backend, device):
+    """The transposed orders (CSC metadata with perm) through the raw kernel ops."""
+    suffix = "_triton" if backend == "triton" else ""
+    S = _matrix(50, 70, 0.2, torch.float32, device)
+    spmm = fk.spmm_reference if backend == "reference" else getattr(torch.ops.fedspa, "spmm" + suffix)
+    sddmm = fk.sddmm_reference if backend == "reference" else getattr(torch.ops.fedspa, "sddmm" + suffix)
+    e = torch.randn(50, 9, device=device)
+    got = spmm(S.values, S.ccol_indices, S.row_indices_t, S.perm_t, e, True)
+    _close(got, S.to_dense().double().t() @ e.double(), torch.float32)
+    a, bt = torch.randn(70, 9, device=device), torch.randn(50, 9, device=device)
+    got = sddmm(a, bt, S.ccol_indices, S.row_indices_t, S.perm_t, True)  # (a @ bt^T) on the transpose, CSR order
+    _close(got, (bt.double() @ a.double().t())[S.mask()], torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# sparse_linear: the layer's three products and its gradients, against the dense layer with a masked weight
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("density", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_sparse_linear_equals_masked_dense_layer(backend, device, density):
+    S = _matrix(37, 53, density, torch.float64, device)
+    values = S.values.detach().clone().requires_grad_()
+    W = S.with_values(values)
+    x = torch.randn(3, 4, 53, dtype=torch.float64, device=device, requires_grad=True)  # leading dims are kept
+    bias = torch.randn(37, dtype=torch.float64, device=device, requires_grad=True)
+    y = fk.sparse_linear(x, W, bias, backend=backend)
+    dense = S.to_dense().detach().clone().requires_grad_()
+    x2, bias2 = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    y2 = x2 @ dense.t() + bias2
+    assert y.shape == (3, 4, 37)
+    torch.testing.assert_close(y, y2)
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    y2.backward(upstream)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(values.grad, dense.grad[S.mask()])
+    torch.testing.assert_close(bias.grad, bias2.grad)
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_sparse_linear_with_a_dense_weight(backend, device):
+    weight = (torch.randn(20, 30, device=device) * (torch.rand(20, 30, device=device) < 0.3)).requires_grad_()
+    x = torch.randn(4, 30, device=device)
+    y = fk.sparse_linear(x, weight, backend=backend)
+    _close(y, x.double() @ weight.detach().double().t(), torch.float32)
+    y.sum().backward()
+    expected = (torch.ones(4, 20, device=device).t() @ x) * (weight.detach() != 0)
+    _close(weight.grad, expected, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_gradcheck_float64(backend, device):
+    S = _matrix(5, 6, 0.4, torch.float64, device)
+    values = S.values.detach().clone().requires_grad_()
+    d = torch.randn(6, 2, dtype=torch.float64, device=device, requires_grad=True)
+    e = torch.randn(5, 2, dtype=torch.float64, device=device, requires_grad=True)
+    a = torch.randn(5, 3, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(3, 6, dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.randn(2, 6, dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, m: fk.spmm(S.with_values(v), m, backend=backend), (values, d))
+    assert torch.autograd.gradcheck(lambda v, m: fk.spmm(S.with_values(v), m, transpose=True, backend=backend),
+                                    (values, e))
+    assert torch.autograd.gradcheck(lambda p, q: fk.sddmm(p, q, S, backend=backend), (a, b))
+    assert torch.autograd.gradcheck(lambda xx, v, bb: fk.sparse_linear(xx, S.with_values(v), bb, backend=backend),
+                                    (x, values, bias))
+    # the backward passes are themselves differentiable
+    assert torch.autograd.gradgradcheck(lambda v, m: fk.spmm(S.with_values(v), m, backend=backend), (values, d))
+    assert torch.autograd.gradgradcheck(lambda p, q: fk.sddmm(p, q, S, backend=backend), (a, b))
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_opcheck(backend, device):
+    S = _matrix(11, 13, 0.4, torch.float32, device)
+    d = torch.randn(13, 5, device=device)
+    a, bt = torch.randn(11, 6, device=device), torch.randn(13, 6, device=device)
+    structure = (S.crow_indices, S.col_indices, None, S.ccol_indices, S.row_indices_t, S.perm_t)
+    if backend != "reference":
+        suffix = "_triton" if backend == "triton" else ""
+        torch.library.opcheck(getattr(torch.ops.fedspa, "spmm" + suffix),
+                              (S.values, S.crow_indices, S.col_indices, None, d, True))
+        torch.library.opcheck(getattr(torch.ops.fedspa, "spmm" + suffix),
+                              (S.values, S.ccol_indices, S.row_indices_t, S.perm_t, torch.randn(11, 5, device=device),
+                               False))
+        torch.library.opcheck(getattr(torch.ops.fedspa, "sddmm" + suffix),
+                              (a, bt, S.crow_indices, S.col_indices, None, True))
+    values = S.values.detach().clone().requires_grad_()
+    torch.library.opcheck(torch.ops.fedspa.sparse_matmul, (values, *structure, d.requires_grad_(), backend, True))
+    torch.library.opcheck(torch.ops.fedspa.sampled_matmul,
+                          (a.requires_grad_(), bt.requires_grad_(), *structure, backend, True))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_bad_structures_in_direct_op_calls(backend, device):
+    """The raw ops validate indices before any kernel reads memory through them."""
+    if backend == "reference":
+        spmm, sddmm = fk.spmm_reference, fk.sddmm_reference
+    else:
+        suffix = "_triton" if backend == "triton" else ""
+        spmm = getattr(torch.ops.fedspa, "spmm" + suffix)
+        sddmm = getattr(torch.ops.fedspa, "sddmm" + suffix)
+    crow = torch.tensor([0, 2, 3], device=device)
+    col = torch.tensor([0, 9, 1], dtype=torch.int32, device=device)
+    values, d = torch.ones(3, device=device), torch.randn(4, 2, device=device)
+    with pytest.raises(ValueError, match=r"col_indices\[1\] = 9 is outside \[0, 4\)"):
+        spmm(values, crow, col, None, d, True)
+    with pytest.raises(ValueError, match=r"col_indices\[1\] = 9 is outside \[0, 4\)"):
+        sddmm(torch.randn(2, 3, device=device), torch.randn(4, 3, device=device), crow, col, None, True)
+    col = torch.tensor([0, 3, 1], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="crow_indices decreases at row 1: 2 -> 1"):
+        spmm(values, torch.tensor([0, 2, 1, 3], device=device), col, None, d, True)
+    with pytest.raises(ValueError, match="must start at 0 and end at nnz=3"):
+        spmm(values, torch.tensor([0, 2, 4], device=device), col, None, d, True)
+    bad_perm = torch.tensor([0, 0, 1], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=r"perm is not a permutation of \[0, 3\)"):
+        spmm(values, crow, col, bad_perm, d, True)
+    with pytest.raises(ValueError, match=r"perm\[2\] = 7 is outside \[0, 3\)"):
+        spmm(values, crow, col, torch.tensor([0, 1, 7], dtype=torch.int32, device=device), d, True)
+    with pytest.raises(TypeError, match="col_indices must be a 1-D int32 tensor"):
+        spmm(values, crow, col.long(), None, d, True)
+    with pytest.raises(TypeError, match="crow_indices must be a non-empty 1-D int64 tensor"):
+        spmm(values, crow.int(), col, None, d, True)
+    with pytest.raises(TypeError, match="dense is torch.float64 but values are torch.float32|dense is Double but values are Float"):
+        spmm(values, crow, col, None, d.double(), True)
+
+
+def test_autograd_ops_validate_both_orders():
+    S = fk.SparseMatrix.from_dense(torch.randn(5, 6), torch.rand(5, 6) < 0.5)
+    bad_perm = S.perm_t.flip(0).contiguous()
+    with pytest.raises(ValueError, match="in its transpose"):
+        torch.ops.fedspa.sparse_matmul(S.values, S.crow_indices, S.col_indices, None, S.ccol_indices,
+                                       S.row_indices_t, bad_perm, torch.randn(6, 2), "reference", True)
+    with pytest.raises(ValueError, match="unknown backend 'mkl'"):
+        torch.ops.fedspa.sparse_matmul(S.values, S.crow_indices, S.col_indices, None, S.ccol_indices,
+                                       S.row_indices_t, S.perm_t, torch.randn(6, 2), "mkl", True)
+
+
+def test_public_api_errors():
+    S = fk.SparseMatrix.from_dense(torch.randn(5, 6), torch.rand(5, 6) < 0.5)
+    with pytest.raises(ValueError, match=r"S has 6 columns but d has shape \(5, 2\)"):
+        fk.spmm(S, torch.randn(5, 2))
+    with pytest.raises(ValueError, match=r"S\^T has 5 columns but d has shape \(6, 2\)"):
+        fk.spmm(S, torch.randn(6, 2), transpose=True)
+    with pytest.raises(TypeError, match="d is torch.float64 but the sparse values are torch.float32"):
+        fk.spmm(S, torch.randn(6, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="d is on meta but the sparse matrix is on cpu"):
+        fk.spmm(S, torch.randn(6, 2, device="meta"))
+    with pytest.raises(TypeError, match="expected a SparseMatrix"):
+        fk.spmm(torch.randn(5, 6), torch.randn(6, 2))
+    with pytest.raises(ValueError, match=r"does not give the pattern's shape \(5, 6\)"):
+        fk.sddmm(torch.randn(5, 3), torch.randn(3, 7), S)
+    with pytest.raises(ValueError, match=r"mask shape|does not give the pattern's shape \(4, 6\)"):
+        fk.masked_matmul(torch.randn(5, 3), torch.randn(3, 6), torch.rand(4, 6) < 0.5)
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        fk.masked_matmul(torch.randn(5, 3), torch.randn(3, 6), torch.rand(5, 6))
+    with pytest.raises(ValueError, match="x has shape \\(2, 5\\) but the weight has 6 input features"):
+        fk.sparse_linear(torch.randn(2, 5), S)
+    with pytest.raises(ValueError, match="bias must be \\(5,\\)"):
+        fk.sparse_linear(torch.randn(2, 6), S, torch.randn(4))

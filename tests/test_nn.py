@@ -1,0 +1,232 @@
+"""fedspa.nn: sparse layers against dense layers with masked weights; conversion, masks, memory, training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import fedspa_kernels as fk
+from fedspa.nn import SparseConv2d, SparseLinear, densify, masks_of, sparsify, training_memory_bytes
+from tests.helpers import backend_device_params
+
+PARAMS = backend_device_params("spmm")
+
+
+def _masked_copy(layer: nn.Module, mask: torch.Tensor) -> nn.Module:
+    dense = copy.deepcopy(layer)
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    return dense
+
+
+def _check_grads(sparse: nn.Module, dense: nn.Module, mask: torch.Tensor, x_shape, device, dtype=torch.float64):
+    x = torch.randn(*x_shape, dtype=dtype, device=device, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = sparse(x), dense(x2)
+    torch.testing.assert_close(y, y2)
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    y2.backward(upstream)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(sparse.weight.values.grad, dense.weight.grad[mask])
+    torch.testing.assert_close(sparse.bias.grad, dense.bias.grad)
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_sparse_linear_matches_masked_dense(backend, device):
+    dense = nn.Linear(53, 37, dtype=torch.float64, device=device)
+    mask = torch.rand(37, 53, device=device) < 0.2
+    sparse = SparseLinear.from_dense(dense, mask, backend=backend)
+    assert sorted(name for name, _ in sparse.named_parameters()) == ["bias", "weight.values"]
+    assert sparse.weight.values.numel() == int(mask.sum())
+    _check_grads(sparse, _masked_copy(dense, mask), mask, (5, 53), device)
+    sparse.zero_grad()
+    _check_grads(sparse, _masked_copy(dense, mask), mask, (1, 53), device)  # batch 1
+
+
+CONV_GEOMETRIES = [
+    dict(kernel_size=3, stride=1, padding=1, dilation=1),
+    dict(kernel_size=3, stride=2, padding=0, dilation=1),
+    dict(kernel_size=5, stride=1, padding=2, dilation=2),
+    dict(kernel_size=(3, 1), stride=(2, 1), padding=(1, 0), dilation=1),
+    dict(kernel_size=1, stride=1, padding=0, dilation=1),
+]
+
+
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=lambda g: "k{kernel_size}-s{stride}-p{padding}-d{dilation}".format(**g))
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_sparse_conv2d_matches_masked_dense(backend, device, geometry):
+    dense = nn.Conv2d(5, 7, dtype=torch.float64, device=device, **geometry)
+    mask = torch.rand(dense.weight.shape, device=device) < 0.4
+    sparse = SparseConv2d.from_dense(dense, mask, backend=backend)
+    flat = mask.reshape(7, -1)
+    for shape in ((3, 5, 11, 13), (1, 5, 6, 6)):
+        x = torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        masked = _masked_copy(dense, mask)
+        y, y2 = sparse(x), masked(x2)
+        torch.testing.assert_close(y, y2)
+        y.backward(torch.ones_like(y))
+        y2.backward(torch.ones_like(y2))
+        torch.testing.assert_close(x.grad, x2.grad)
+        torch.testing.assert_close(sparse.weight.values.grad, masked.weight.grad.reshape(7, -1)[flat])
+        sparse.zero_grad()
+
+
+def test_layer_constructors_and_errors():
+    mask = torch.rand(4, 6) < 0.5
+    layer = SparseLinear(6, 4, mask)
+    assert layer.weight.nnz == int(mask.sum())
+    bound = 1 / 6**0.5
+    assert layer.weight.values.abs().max() <= bound and layer.bias.abs().max() <= bound
+    assert "nnz=" in repr(layer)
+    with pytest.raises(ValueError, match=r"mask shape \(6, 4\) is not \(out_features, in_features\) = \(4, 6\)"):
+        SparseLinear(6, 4, mask.t())
+    conv_mask = torch.rand(4, 3, 3, 3) < 0.5
+    with pytest.raises(ValueError, match="groups=1 only"):
+        SparseConv2d(3, 4, 3, conv_mask, groups=2)
+    with pytest.raises(ValueError, match="padding_mode='zeros' only"):
+        SparseConv2d(3, 4, 3, conv_mask, padding_mode="reflect")
+    with pytest.raises(ValueError, match="integer padding"):
+        SparseConv2d(3, 4, 3, conv_mask, padding="same")
+    with pytest.raises(ValueError, match=r"mask shape \(4, 3, 3\) is not \(4, 3, 3, 3\)"):
+        SparseConv2d(3, 4, 3, conv_mask[..., 0])
+    conv = SparseConv2d(3, 4, 3, conv_mask)
+    with pytest.raises(ValueError, match=r"expected input \(N, 3, H, W\)"):
+        conv(torch.randn(2, 4, 8, 8))
+
+
+def test_sparsify_densify_and_masks():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10), nn.ReLU(), nn.Linear(10, 3))
+    masks = {"0": torch.rand(4, 1, 3, 3) < 0.5, "3": torch.rand(10, 144) < 0.1}
+    sparse = sparsify(model, masks)
+    assert isinstance(sparse[0], SparseConv2d) and isinstance(sparse[3], SparseLinear)
+    assert isinstance(sparse[5], nn.Linear) and isinstance(model[0], nn.Conv2d)  # original untouched
+    assert {k: torch.equal(v, masks[k]) for k, v in masks_of(sparse).items()} == {"0": True, "3": True}
+    x = torch.randn(2, 1, 8, 8)
+    back = densify(sparse)
+    assert isinstance(back[0], nn.Conv2d) and isinstance(back[3], nn.Linear)
+    torch.testing.assert_close(sparse(x), back(x))
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        masked[0].weight.mul_(masks["0"])
+        masked[3].weight.mul_(masks["3"])
+    torch.testing.assert_close(sparse(x), masked(x))
+    with pytest.raises(ValueError, match="'1' is not a Linear or Conv2d layer of the model"):
+        sparsify(model, {"1": torch.ones(1, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="mask for '5' has shape"):
+        sparsify(model, {"5": torch.ones(3, 9, dtype=torch.bool)})
+
+
+def test_set_mask_keeps_overlap_and_starts_grown_weights_at_zero():
+    old = torch.tensor([[True, True, False], [False, True, True]])
+    new = torch.tensor([[True, False, True], [False, True, True]])
+    layer = SparseLinear(3, 2, old)
+    before = layer.weight.dense().clone()
+    param = layer.weight.values
+    layer.set_mask(new)
+    assert torch.equal(layer.mask(), new)
+    after = layer.weight.dense()
+    assert layer.weight.values is param  # same nnz: updated in place, optimizers keep their reference
+    assert torch.equal(after[old & new], before[old & new])
+    assert after[0, 2] == 0 and after[0, 1] == 0
+    layer.set_mask(torch.tensor([[True, False, False], [False, False, False]]))  # fewer nonzeros: new parameter
+    assert layer.weight.nnz == 1 and layer.weight.values is not param
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(layer(x), x @ layer.weight.dense().t() + layer.bias)
+    conv = SparseConv2d(2, 3, 3, torch.rand(3, 2, 3, 3) < 0.5)
+    conv_mask = torch.rand(3, 2, 3, 3) < 0.5
+    conv.set_mask(conv_mask)
+    assert torch.equal(conv.mask(), conv_mask)
+
+
+def test_state_dict_round_trip():
+    mask = torch.rand(8, 9) < 0.4
+    layer = SparseLinear(9, 8, mask)
+    other = SparseLinear(9, 8, mask)
+    other.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 9)
+    torch.testing.assert_close(other(x), layer(x))
+
+
+def test_optimizer_state_exists_only_for_active_weights():
+    torch.manual_seed(0)
+    dense = nn.Linear(512, 256)
+    mask = torch.rand(256, 512) < 0.1
+    sparse = SparseLinear.from_dense(dense, mask)
+    usage = {}
+    for name, model in (("dense", dense), ("sparse", sparse)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        model(torch.randn(4, 512)).sum().backward()
+        opt.step()
+        usage[name] = training_memory_bytes(model, opt)
+    nnz = int(mask.sum())
+    assert usage["sparse"]["parameters"] == 4 * (nnz + 256)
+    assert usage["sparse"]["gradients"] == 4 * (nnz + 256)
+    assert usage["sparse"]["optimizer_state"] == 4 * (nnz + 256)  # momentum buffers
+    assert usage["sparse"]["buffers"] == 8 * 257 + 4 * nnz + 8 * 513 + 4 * nnz + 4 * nnz  # CSR + CSC metadata
+    assert usage["dense"]["optimizer_state"] == 4 * (512 * 256 + 256)
+    assert usage["sparse"]["total"] < 0.4 * usage["dense"]["total"]  # at density 0.1
+
+
+def test_no_dense_weight_is_ever_allocated():
+    """Forward and backward of the sparse layer allocate nothing the size of the dense weight (the reference,
+    which scatters into a dense matrix, does: the check can fail)."""
+    if not fk.available_backends()["cpp"]:
+        pytest.skip("cpp backend unavailable")
+    out_f, in_f = 1500, 1700
+    layer = SparseLinear(in_f, out_f, torch.rand(out_f, in_f) < 0.05)
+    x = torch.randn(8, in_f, requires_grad=True)
+    dense_bytes = out_f * in_f * 4
+    largest = {}
+    for backend in ("cpp", "reference"):
+        layer.backend = backend
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            layer(x).sum().backward()
+        largest[backend] = max(e.cpu_memory_usage for e in prof.events())
+    assert largest["reference"] >= dense_bytes
+    assert largest["cpp"] < dense_bytes / 4  # per-op totals of a few nnz-sized buffers
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_sparse_model_trains_like_the_masked_dense_model(backend, device):
+    """Same init, same data, SGD with momentum and weight decay: the sparse model and the dense model whose
+    weights (and gradients) are masked follow the same trajectory to float64 round-off."""
+    torch.manual_seed(1)
+    dense = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(6 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 4)).double().to(device)
+    masks = {"0": torch.rand(6, 1, 3, 3, device=device) < 0.5, "4": torch.rand(32, 96, device=device) < 0.2,
+             "6": torch.rand(4, 32, device=device) < 0.5}
+    with torch.no_grad():
+        for name, mask in masks.items():
+            dense.get_submodule(name).weight.mul_(mask)
+    sparse = sparsify(dense, masks, backend=backend)
+    data = torch.randn(6, 16, 1, 8, 8, dtype=torch.float64, device=device)
+    quadrants = data.reshape(6, 16, 2, 4, 2, 4).sum(dim=(3, 5)).reshape(6, 16, 4)
+    labels = quadrants.argmax(dim=-1)  # the brightest quadrant: learnable
+    options = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt_dense = torch.optim.SGD(dense.parameters(), **options)
+    opt_sparse = torch.optim.SGD(sparse.parameters(), **options)
+    interpreted = backend == "triton" and device == "cpu"
+    steps = 12 if interpreted else 60  # the interpreter is slow; the trajectory check is the same
+    first = None
+    for step in range(steps):
+        losses = []
+        for model, opt in ((dense, opt_dense), (sparse, opt_sparse)):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(data[step % 6]), labels[step % 6])
+            loss.backward()
+            if model is dense:
+                for name, mask in masks.items():
+                    model.get_submodule(name).weight.grad.mul_(mask)
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) < 1e-9, (step, losses)
+        first = losses[1] if first is None else first
+    if not interpreted:
+        assert losses[1] < 0.8 * first  # and it learns
