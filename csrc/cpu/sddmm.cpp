@@ -19,6 +19,7 @@
 #endif
 
 #include "fedspa/cpu_features.h"
+#include "fedspa/cpu_layout.h"
 #include "fedspa/csr_checks.h"
 
 namespace fedspa {
@@ -162,8 +163,8 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& bt, const at::Tensor
   TORCH_CHECK_VALUE(crow.numel() == a.size(0) + 1, kOp, ": crow_indices has ", crow.numel(), " entries but a has ",
                     a.size(0), " rows");
   if (validate) check_structure_values(kOp, crow, col, perm, bt.size(0), col.numel());
-  const at::Tensor a_c = a.contiguous();
-  const at::Tensor bt_c = bt.contiguous();
+  const at::Tensor a_c = row_major(a);
+  const at::Tensor bt_c = row_major(bt);
   const at::Tensor crow_c = crow.contiguous();
   const at::Tensor col_c = col.contiguous();
   const at::Tensor perm_c = perm.has_value() ? perm->contiguous() : at::Tensor();

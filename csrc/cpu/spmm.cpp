@@ -20,6 +20,7 @@
 #endif
 
 #include "fedspa/cpu_features.h"
+#include "fedspa/cpu_layout.h"
 #include "fedspa/csr_checks.h"
 
 namespace fedspa {
@@ -193,7 +194,7 @@ at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& crow, const at::
   // Values reached through perm are gathered into this order once: inside the inner loop the same random
   // reads stall on memory (4096^2 at density 0.1: 35 ms -> see benchmarks), here they overlap.
   const at::Tensor values_c = perm.has_value() ? values.index_select(0, *perm) : values.contiguous();
-  const at::Tensor dense_c = dense.contiguous();
+  const at::Tensor dense_c = row_major(dense);
   at::Tensor out = at::empty({crow.numel() - 1, dense.size(1)}, dense.options());
   const Csr a{crow_c.data_ptr<int64_t>(), col_c.data_ptr<int32_t>()};
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "spmm_cpu", [&] { spmm_impl<scalar_t>(values_c, a, dense_c, out); });

