@@ -1,6 +1,10 @@
 """GPU benchmark: fedspa's CUDA and Triton kernels vs PyTorch on the same device, in one run.
 
-    python benchmarks/gpu_bench.py [--ops scatter_add] [--out benchmarks/results]
+    python benchmarks/gpu_bench.py [--ops scatter_add sparse_linear] [--out benchmarks/results]
+
+sparse_linear compares, at batch 4096 and 1024^2 / 4096^2 weights of density 0.5-0.05, the forward,
+backward-input and backward-weight products against cuBLAS in fp32 (TF32 off: the baseline), TF32 and bf16,
+and torch.sparse CSR (cuSPARSE); the useful TFLOP/s (2 * batch * nnz / time) of every row is recorded.
 
 On CUDA, times are medians of ``triton.testing.do_bench`` (quantiles 0.5/0.2/0.8). Every implementation is
 first checked against the baseline's result. Each row carries the minimum bytes the op must move (inputs read
@@ -122,7 +126,88 @@ def bench_scatter_add(device: torch.device, timer, args) -> list[Row]:
     return rows
 
 
-BENCHMARKS = {"scatter_add": bench_scatter_add}
+# ----------------------------------------------------------------------------------------------------------------
+# sparse linear layer: SpMM (forward, backward-input) and SDDMM (backward-weight)
+# ----------------------------------------------------------------------------------------------------------------
+def _tf32(enabled: bool, fn):
+    def wrapped():
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        try:
+            return fn()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+    return wrapped
+
+
+def bench_sparse_linear(device: torch.device, timer, args) -> list[Row]:
+    """x (batch x size) @ (W*M)^T and its two gradients, fp32 unless the implementation says otherwise."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+    rows: list[Row] = []
+    generator = torch.Generator().manual_seed(1234)
+    for size in args.sizes:
+        for density in args.densities:
+            w = (torch.randn(size, size, generator=generator) / size**0.5).to(device)
+            m = (torch.rand(size, size, generator=generator) < density).to(device)
+            wm = w * m
+            x = torch.randn(args.batch, size, generator=generator).to(device)
+            dy = torch.randn(args.batch, size, generator=generator).to(device)
+            S = fk.SparseMatrix.from_dense(w, m)
+            csr, csr_t, m_csr = wm.to_sparse_csr(), wm.t().contiguous().to_sparse_csr(), m.float().to_sparse_csr()
+            wm_bf16, x_bf16, dy_bf16 = wm.bfloat16(), x.bfloat16(), dy.bfloat16()
+            passes = {
+                "forward": {
+                    "dense fp32": lambda: x @ wm.t(),
+                    "dense tf32": _tf32(True, lambda: x @ wm.t()),
+                    "dense bf16": lambda: x_bf16 @ wm_bf16.t(),
+                    "torch.sparse": lambda: torch.sparse.mm(csr, x.t()),
+                    "fedspa {b}": lambda b: fk.sparse_linear(x, S, backend=b),
+                },
+                "backward-input": {
+                    "dense fp32": lambda: dy @ wm,
+                    "dense tf32": _tf32(True, lambda: dy @ wm),
+                    "dense bf16": lambda: dy_bf16 @ wm_bf16,
+                    "torch.sparse": lambda: torch.sparse.mm(csr_t, dy.t()),
+                    "fedspa {b}": lambda b: fk.spmm(S, dy.t(), transpose=True, backend=b),
+                },
+                "backward-weight": {
+                    "dense fp32": lambda: (dy.t() @ x) * m,
+                    "dense tf32": _tf32(True, lambda: (dy.t() @ x) * m),
+                    "dense bf16": lambda: (dy_bf16.t() @ x_bf16) * m,
+                    "torch.sparse": lambda: torch.sparse.sampled_addmm(m_csr, dy.t(), x, beta=0.0),
+                    "fedspa {b}": lambda b: fk.sddmm(dy.t(), x, S, backend=b),
+                },
+            }
+            native = "cuda" if device.type == "cuda" else "cpp"
+            backends = [b for b in (native, "triton") if fk.available_backends("spmm")[b]]
+            flops = 2 * args.batch * S.nnz
+            nbytes = 4 * (2 * args.batch * size) + 8 * S.nnz  # dense operands in and out, values + column indices
+            for which, implementations in passes.items():
+                expected = _tf32(False, implementations["dense fp32"])()
+                if which == "backward-weight":
+                    expected = expected[m]
+                for name, fn in implementations.items():
+                    if device.type != "cuda" and name in ("dense tf32", "dense bf16"):
+                        continue  # GPU precisions
+                    calls = {name.format(b=b): (lambda f=fn, b=b: f(b)) for b in backends} if "{b}" in name else {name: fn}
+                    for label, call in calls.items():
+                        if label.startswith("fedspa"):
+                            got = call()
+                            got = got.t() if which == "backward-input" else got
+                            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+                        median, p20, p80 = timer(_tf32(False, call) if label in ("dense fp32", "torch.sparse") or
+                                                 label.startswith("fedspa") else call)
+                        rows.append(Row("sparse_linear", f"{which} {size}x{size} d={density}", label,
+                                        label == "dense fp32", median, p20, p80, nbytes,
+                                        nbytes / (median * 1e-3) / 1e9,
+                                        shape={"batch": args.batch, "size": size, "density": density, "nnz": S.nnz,
+                                               "tflop_per_s": flops / (median * 1e-3) / 1e12}))
+    return rows
+
+
+BENCHMARKS = {"scatter_add": bench_scatter_add, "sparse_linear": bench_sparse_linear}
 
 
 def environment(device: torch.device) -> dict:
@@ -152,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--copy-numel", type=int, default=256 * 2**20, help="elements in the bandwidth probe")
+    parser.add_argument("--batch", type=int, default=4096, help="rows of x (sparse_linear)")
+    parser.add_argument("--sizes", type=lambda v: [int(s) for s in v.split(",")], default=[1024, 4096],
+                        help="square weight sizes (sparse_linear)")
+    parser.add_argument("--densities", type=lambda v: [float(s) for s in v.split(",")], default=[0.5, 0.2, 0.1, 0.05],
+                        help="weight densities (sparse_linear)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
 
@@ -182,11 +272,13 @@ def main(argv: list[str] | None = None) -> int:
                                  **{k: json.dumps(v) if isinstance(v, dict) else v
                                     for k, v in dataclasses.asdict(r).items()}})
         print(f"{op} on {env['device']} (copy bandwidth {env['copy_bandwidth_gb_per_s']:.0f} GB/s) -> {stem}.json")
-        print(f"{'case':<16} {'implementation':<18} {'median ms':>10} {'GB/s':>8} {'of copy':>8} {'speed-up':>9}")
+        print(f"{'case':<32} {'implementation':<16} {'median ms':>10} {'GB/s':>8} {'of copy':>8} {'TFLOP/s':>8} "
+              f"{'speed-up':>9}")
         for r in rows:
-            speed = f"{r.speedup_vs_baseline:.1f}x" if r.speedup_vs_baseline else "baseline"
-            print(f"{r.case:<16} {r.implementation:<18} {r.median_ms:>10.3f} {r.gb_per_s:>8.1f} "
-                  f"{r.fraction_of_copy_bandwidth:>8.0%} {speed:>9}")
+            speed = f"{r.speedup_vs_baseline:.2f}x" if r.speedup_vs_baseline else "baseline"
+            tflops = f"{r.shape['tflop_per_s']:.2f}" if "tflop_per_s" in r.shape else ""
+            print(f"{r.case:<32} {r.implementation:<16} {r.median_ms:>10.3f} {r.gb_per_s:>8.1f} "
+                  f"{r.fraction_of_copy_bandwidth:>8.0%} {tflops:>8} {speed:>9}")
     return 0
 
 

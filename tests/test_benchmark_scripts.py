@@ -43,10 +43,11 @@ def test_cpu_benchmark_and_report(tmp_path):
 
 def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
     result = _run(["benchmarks/gpu_bench.py", "--device", "cpu", "--n", "3000", "--clients", "2",
-                   "--copy-numel", "100000", "--out", str(tmp_path)], {})
+                   "--copy-numel", "100000", "--batch", "16", "--sizes", "40", "--densities", "0.3",
+                   "--out", str(tmp_path)], {})
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 2 and files[0].endswith(".csv") and files[1].endswith(".json"), files
-    data = json.loads((tmp_path / files[1]).read_text())
+    assert len(files) == 4 and all(f.endswith((".csv", ".json")) for f in files), files
+    data = json.loads((tmp_path / next(f for f in files if f.startswith("gpu_scatter_add") and f.endswith(".json"))).read_text())
     assert data["environment"]["torch"] and data["environment"]["copy_bandwidth_gb_per_s"] > 0
     cases = {r["case"] for r in data["rows"]}
     assert cases == {"sorted int32", "sorted int64", "shuffled int64"}
@@ -56,3 +57,30 @@ def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
         assert all(r["median_ms"] > 0 for r in rows)
         assert all(r["speedup_vs_baseline"] > 0 for r in rows if not r["baseline"])
     assert "speed-up" in result.stdout
+    linear = json.loads((tmp_path / next(f for f in files if f.startswith("gpu_sparse_linear") and f.endswith(".json"))).read_text())
+    cases = {r["case"] for r in linear["rows"]}
+    assert cases == {f"{p} 40x40 d=0.3" for p in ("forward", "backward-input", "backward-weight")}
+    for case in cases:
+        names = {r["implementation"] for r in linear["rows"] if r["case"] == case}
+        assert {"dense fp32", "torch.sparse", "fedspa cpp"} <= names
+    assert all(r["shape"]["tflop_per_s"] > 0 for r in linear["rows"])
+
+
+@pytest.mark.skipif(not fk.available_backends()["cpp"], reason="the cpp backend is not built")
+def test_cpu_sparse_linear_benchmark_and_report(tmp_path):
+    raw = tmp_path / "raw.json"
+    _run(["-m", "pytest", "benchmarks/test_cpu_sparse_linear.py", "-q", "-p", "no:cacheprovider",
+          f"--benchmark-json={raw}", "--benchmark-max-time=0.05", "--benchmark-min-rounds=2"],
+         {"FEDSPA_BENCH_SIZES": "64", "FEDSPA_BENCH_DENSITIES": "0.2", "FEDSPA_BENCH_BATCH": "8"})
+    out, table = tmp_path / "summary.json", tmp_path / "table.md"
+    _run(["benchmarks/report.py", str(raw), "--out", str(out), "--markdown", str(table)], {})
+    summary = json.loads(out.read_text())
+    ours = {r["group"]: r for r in summary["rows"] if r["implementation"] == "fedspa cpp"}
+    assert set(ours) == {f"{p} 64x64 d=0.2" for p in
+                         ("forward", "backward-input", "backward-weight", "train step", "optimizer step")}
+    for group in ("forward", "backward-input", "backward-weight"):
+        row = ours[f"{group} 64x64 d=0.2"]
+        assert row["speedup_vs_baseline"] > 0 and row["speedup_vs_peer"] > 0 and row["gflop_per_s"] > 0
+    memory = ours["optimizer step 64x64 d=0.2"]["memory_bytes"]
+    assert memory["total"] > 0 and memory["optimizer_state"] == memory["parameters"]
+    assert "| memory (weights + grads + SGD momentum + index buffers) |" in table.read_text()
