@@ -13,6 +13,7 @@ from .ops import spmm as _spmm_op  # noqa: F401
 from .ops import sddmm as _sddmm_op  # noqa: F401
 from .ops import sparse_matmul as _sparse_matmul_op  # noqa: F401
 from .ops import sampled_matmul as _sampled_matmul_op  # noqa: F401
+from .ops import prune_regrow as _prune_regrow_op  # noqa: F401
 from . import _extension
 
 _extension.load()  # registers the C++/CUDA kernels; a missing extension leaves the references in place
@@ -25,6 +26,7 @@ from ._backends import (  # noqa: E402
 )
 from .sparse_matrix import SparseMatrix  # noqa: E402
 from ._info import format_system_info, system_info  # noqa: E402
+from .ops.prune_regrow import PruneRegrowResult, prune_regrow, prune_regrow_reference  # noqa: E402
 from .ops.sampled_matmul import masked_matmul, sddmm  # noqa: E402
 from .ops.sddmm import sddmm_reference  # noqa: E402
 from .ops.sparse_matmul import sparse_linear, spmm  # noqa: E402
@@ -41,10 +43,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "PruneRegrowResult",
     "SparseMatrix",
     "available_backends",
     "format_system_info",
     "masked_matmul",
+    "prune_regrow",
+    "prune_regrow_reference",
     "scatter_add_aggregate",
     "scatter_add_aggregate_reference",
     "scatter_add_average",
