@@ -17,6 +17,7 @@ KERNEL_MODULES = (
     "fedspa_kernels.triton_kernels.scatter_add_aggregate",
     "fedspa_kernels.triton_kernels.spmm",
     "fedspa_kernels.triton_kernels.sddmm",
+    "fedspa_kernels.triton_kernels.prune_regrow",
 )
 
 
