@@ -1,10 +1,12 @@
 """GPU benchmark: fedspa's CUDA and Triton kernels vs PyTorch on the same device, in one run.
 
-    python benchmarks/gpu_bench.py [--ops scatter_add sparse_linear] [--out benchmarks/results]
+    python benchmarks/gpu_bench.py [--ops scatter_add sparse_linear prune_regrow] [--out benchmarks/results]
 
 sparse_linear compares, at batch 4096 and 1024^2 / 4096^2 weights of density 0.5-0.05, the forward,
 backward-input and backward-weight products against cuBLAS in fp32 (TF32 off: the baseline), TF32 and bf16,
 and torch.sparse CSR (cuSPARSE); the useful TFLOP/s (2 * batch * nnz / time) of every row is recorded.
+prune_regrow updates the masks of a ResNet-18 (62 tensors, 11.2M weights) in one call, against a torch.topk loop
+over its layers.
 
 On CUDA, times are medians of ``triton.testing.do_bench`` (quantiles 0.5/0.2/0.8). Every implementation is
 first checked against the baseline's result. Each row carries the minimum bytes the op must move (inputs read
@@ -207,7 +209,53 @@ def bench_sparse_linear(device: torch.device, timer, args) -> list[Row]:
     return rows
 
 
-BENCHMARKS = {"scatter_add": bench_scatter_add, "sparse_linear": bench_sparse_linear}
+# ----------------------------------------------------------------------------------------------------------------
+# prune/regrow: one call for every layer of a ResNet-18
+# ----------------------------------------------------------------------------------------------------------------
+def bench_prune_regrow(device: torch.device, timer, args) -> list[Row]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from model_shapes import resnet18_shapes
+
+    generator = torch.Generator().manual_seed(1234)
+    shapes = [(max(1, s[0] // args.prune_scale), *s[1:]) for s in resnet18_shapes()]
+    rows: list[Row] = []
+    for density in args.prune_densities:
+        weights = [torch.randn(s, generator=generator).to(device) for s in shapes]
+        masks = [(torch.rand(s, generator=generator) < density).to(device) for s in shapes]
+        scores = [torch.rand(s, generator=generator).to(device) for s in shapes]
+        counts = [min(int(round(0.1 * int(m.sum()))), int((~m).sum())) for m in masks]
+        n = sum(w.numel() for w in weights)
+        nbytes = n * (4 + 4 + 1 + 1)
+
+        def topk_loop():
+            new_masks = []
+            for w, m, sc, k in zip(weights, masks, scores, counts):
+                drop = torch.topk(w.abs().masked_fill(~m, float("inf")).reshape(-1), k, largest=False).indices
+                grow = torch.topk(sc.masked_fill(m, float("-inf")).reshape(-1), k).indices
+                new = m.clone().reshape(-1)
+                new[drop] = False
+                new[grow] = True
+                new_masks.append(new.reshape(m.shape))
+            return new_masks
+
+        implementations: dict[str, Callable[[], object]] = {"torch.topk loop": topk_loop}
+        native = "cuda" if device.type == "cuda" else "cpp"
+        for backend in (native, "triton"):
+            if fk.available_backends("prune_regrow")[backend]:
+                implementations[f"fedspa {backend}"] = (
+                    lambda b=backend: fk.prune_regrow(weights, masks, scores, counts, backend=b))
+        expected = fk.prune_regrow(weights, masks, scores, counts, backend="reference")
+        for name, fn in implementations.items():
+            if name.startswith("fedspa"):
+                assert all(torch.equal(a, b) for a, b in zip(fn(), expected)), f"{name} differs from the reference"
+            median, p20, p80 = timer(fn)
+            rows.append(Row("prune_regrow", f"resnet18 d={density}", name, name == "torch.topk loop", median, p20, p80,
+                            nbytes, nbytes / (median * 1e-3) / 1e9,
+                            shape={"tensors": len(shapes), "weights": n, "density": density, "drop_fraction": 0.1}))
+    return rows
+
+
+BENCHMARKS = {"scatter_add": bench_scatter_add, "sparse_linear": bench_sparse_linear, "prune_regrow": bench_prune_regrow}
 
 
 def environment(device: torch.device) -> dict:
@@ -242,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="square weight sizes (sparse_linear)")
     parser.add_argument("--densities", type=lambda v: [float(s) for s in v.split(",")], default=[0.5, 0.2, 0.1, 0.05],
                         help="weight densities (sparse_linear)")
+    parser.add_argument("--prune-densities", type=lambda v: [float(s) for s in v.split(",")], default=[0.5, 0.1],
+                        help="mask densities (prune_regrow)")
+    parser.add_argument("--prune-scale", type=int, default=1, help="divide ResNet-18's output channels (prune_regrow)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
 

@@ -44,9 +44,9 @@ def test_cpu_benchmark_and_report(tmp_path):
 def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
     result = _run(["benchmarks/gpu_bench.py", "--device", "cpu", "--n", "3000", "--clients", "2",
                    "--copy-numel", "100000", "--batch", "16", "--sizes", "40", "--densities", "0.3",
-                   "--out", str(tmp_path)], {})
+                   "--prune-densities", "0.5", "--prune-scale", "16", "--out", str(tmp_path)], {})
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 4 and all(f.endswith((".csv", ".json")) for f in files), files
+    assert len(files) == 6 and all(f.endswith((".csv", ".json")) for f in files), files
     data = json.loads((tmp_path / next(f for f in files if f.startswith("gpu_scatter_add") and f.endswith(".json"))).read_text())
     assert data["environment"]["torch"] and data["environment"]["copy_bandwidth_gb_per_s"] > 0
     cases = {r["case"] for r in data["rows"]}
@@ -64,6 +64,9 @@ def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
         names = {r["implementation"] for r in linear["rows"] if r["case"] == case}
         assert {"dense fp32", "torch.sparse", "fedspa cpp"} <= names
     assert all(r["shape"]["tflop_per_s"] > 0 for r in linear["rows"])
+    prune = json.loads((tmp_path / next(f for f in files if f.startswith("gpu_prune_regrow") and f.endswith(".json"))).read_text())
+    assert {r["implementation"] for r in prune["rows"]} >= {"torch.topk loop", "fedspa cpp"}
+    assert all(r["median_ms"] > 0 for r in prune["rows"])
 
 
 @pytest.mark.skipif(not fk.available_backends()["cpp"], reason="the cpp backend is not built")
@@ -84,3 +87,15 @@ def test_cpu_sparse_linear_benchmark_and_report(tmp_path):
     memory = ours["optimizer step 64x64 d=0.2"]["memory_bytes"]
     assert memory["total"] > 0 and memory["optimizer_state"] == memory["parameters"]
     assert "| memory (weights + grads + SGD momentum + index buffers) |" in table.read_text()
+
+
+@pytest.mark.skipif(not fk.available_backends()["cpp"], reason="the cpp backend is not built")
+def test_cpu_prune_regrow_benchmark(tmp_path):
+    raw = tmp_path / "raw.json"
+    _run(["-m", "pytest", "benchmarks/test_cpu_prune_regrow.py", "-q", "-p", "no:cacheprovider",
+          f"--benchmark-json={raw}"], {"FEDSPA_BENCH_SCALE": "16", "FEDSPA_BENCH_DENSITIES": "0.5"})
+    summary = json.loads(_run(["benchmarks/report.py", str(raw), "--out", str(tmp_path / "s.json")], {}) and
+                         (tmp_path / "s.json").read_text())
+    ours = [r for r in summary["rows"] if r["implementation"] == "fedspa cpp"]
+    assert len(ours) == 1 and ours[0]["speedup_vs_baseline"] > 0 and ours[0]["speedup_vs_peer"] > 0
+    assert summary["measured_bandwidth_gb_per_s"] > 0
