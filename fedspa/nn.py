@@ -1,4 +1,4 @@
-"""Sparse layers whose parameters are only the active weights, on fedspa_kernels' SpMM/SDDMM.
+"""Sparse layers whose parameters are only the active weights, on fedspa_kernels' sparse kernels.
 
 ``SparseLinear`` and ``SparseConv2d`` hold the active values as their parameter (so gradients and optimizer
 state exist only for them) and the pattern as buffers (CSR + transpose metadata). :func:`sparsify` turns the
@@ -12,7 +12,6 @@ import math
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fedspa_kernels as fk
@@ -159,10 +158,10 @@ def _pair(v) -> tuple[int, int]:
 
 
 class SparseConv2d(nn.Module):
-    """A 2-D convolution (groups = 1, zero padding) with a sparse weight, as im2col + SpMM.
+    """A 2-D convolution (groups = 1, zero padding) with a sparse weight, on the direct sparse convolution.
 
     The weight (out_channels, in_channels, kh, kw) is stored flattened to (out_channels, in_channels*kh*kw)
-    as a sparse matrix; the forward unfolds the input into (in_channels*kh*kw, batch*positions) and multiplies.
+    as a sparse matrix; :func:`fedspa_kernels.sparse_conv2d` convolves with its nonzeros directly (no im2col).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, mask: torch.Tensor, stride=1, padding=0,
@@ -237,16 +236,8 @@ class SparseConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        batch, _, height, width = x.shape
-        out_h = (height + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        out_w = (width + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
-        columns = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*kh*kw, L)
-        dense = columns.transpose(0, 1).reshape(self.fan_in, batch * out_h * out_w)  # feature-major
-        out = fk.spmm(self.weight.matrix(), dense, backend=self.backend)  # (out_channels, N*L)
-        out = out.reshape(self.out_channels, batch, out_h, out_w).transpose(0, 1)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
+        return fk.sparse_conv2d(x, self.weight.matrix(), self.kernel_size, self.bias, self.stride, self.padding,
+                                self.dilation, backend=self.backend)
 
     def extra_repr(self) -> str:
         total = self.out_channels * self.fan_in

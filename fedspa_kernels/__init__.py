@@ -14,6 +14,7 @@ from .ops import sddmm as _sddmm_op  # noqa: F401
 from .ops import sparse_matmul as _sparse_matmul_op  # noqa: F401
 from .ops import sampled_matmul as _sampled_matmul_op  # noqa: F401
 from .ops import prune_regrow as _prune_regrow_op  # noqa: F401
+from .ops import sparse_conv2d as _sparse_conv2d_op  # noqa: F401
 from . import _extension
 
 _extension.load()  # registers the C++/CUDA kernels; a missing extension leaves the references in place
@@ -29,6 +30,7 @@ from ._info import format_system_info, system_info  # noqa: E402
 from .ops.prune_regrow import PruneRegrowResult, prune_regrow, prune_regrow_reference  # noqa: E402
 from .ops.sampled_matmul import masked_matmul, sddmm  # noqa: E402
 from .ops.sddmm import sddmm_reference  # noqa: E402
+from .ops.sparse_conv2d import sparse_conv2d  # noqa: E402
 from .ops.sparse_matmul import sparse_linear, spmm  # noqa: E402
 from .ops.spmm import spmm_reference  # noqa: E402
 from .ops.scatter_add_aggregate import (  # noqa: E402
@@ -56,6 +58,7 @@ __all__ = [
     "scatter_add_average_reference",
     "sddmm",
     "sddmm_reference",
+    "sparse_conv2d",
     "sparse_linear",
     "spmm",
     "spmm_reference",

@@ -18,6 +18,7 @@ KERNEL_MODULES = (
     "fedspa_kernels.triton_kernels.spmm",
     "fedspa_kernels.triton_kernels.sddmm",
     "fedspa_kernels.triton_kernels.prune_regrow",
+    "fedspa_kernels.triton_kernels.sparse_conv2d",
 )
 
 

@@ -1,0 +1,507 @@
+// CPU kernels of the direct sparse convolution (fedspa::spconv2d, spconv2d_input_grad, spconv2d_weight_grad).
+//
+// Activations are feature-major, (C, H, W, N): the batch is the fastest dimension, so each nonzero weight
+// (c, ky, kx) meets, at each output position, a contiguous vector of N inputs. The forward keeps an output
+// position's batch vector (up to 64 floats) in AVX2 registers while the output channel's nonzeros stream by: one
+// fused multiply-add per 8 batch elements, no unfolded input. The input gradient does the same per input position
+// through the transposed order (values gathered into it once); the weight gradient is, per nonzero, a dot product
+// of batch vectors summed over the positions where the kernel tap lands inside the input. Parallel over output
+// channels (input channels for the input gradient) and batch blocks: no two threads write the same element.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "fedspa/conv_geometry.h"
+#include "fedspa/cpu_features.h"
+#include "fedspa/cpu_layout.h"
+#include "fedspa/csr_checks.h"
+
+namespace fedspa {
+namespace {
+
+using Geometry = ConvGeometry;
+
+// A (C, H, W, N) activation as a contiguous tensor; a permuted NCHW tensor is transposed in parallel.
+at::Tensor feature_major(const at::Tensor& t) {
+  return row_major(t.reshape({t.size(0) * t.size(1) * t.size(2), t.size(3)})).view(t.sizes());
+}
+
+// One nonzero of a row, decoded: its value and where its tap lands relative to an output position.
+template <typename T>
+struct Tap {
+  T w;
+  int64_t c, ky, kx;
+  int64_t base;  // input position offset (in positions) of the tap at output (0, 0), before padding
+};
+
+// Batch elements [n0, n0 + width) of one position, from V AVX2 vectors or a portable array.
+#if defined(FEDSPA_X86_DISPATCH)
+template <int V>
+struct Acc8 {
+  __m256 a[V];
+  __attribute__((target("avx2,fma"), always_inline)) inline void zero() {
+    for (int u = 0; u < V; ++u) a[u] = _mm256_setzero_ps();
+  }
+  __attribute__((target("avx2,fma"), always_inline)) inline void fma(float w, const float* src) {
+    const __m256 v = _mm256_set1_ps(w);
+    for (int u = 0; u < V; ++u) a[u] = _mm256_fmadd_ps(v, _mm256_loadu_ps(src + 8 * u), a[u]);
+  }
+  __attribute__((target("avx2,fma"), always_inline)) inline void store(float* dst) const {
+    for (int u = 0; u < V; ++u) _mm256_storeu_ps(dst + 8 * u, a[u]);
+  }
+};
+#endif
+
+// ------------------------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------------------------
+template <typename T>
+void decode_row(const T* values, const int64_t* crow, const int32_t* col, int64_t o, const Geometry& g,
+                std::vector<Tap<T>>& taps) {
+  taps.clear();
+  for (int64_t k = crow[o]; k < crow[o + 1]; ++k) {
+    const int64_t j = col[k];
+    const int64_t c = j / (g.kh * g.kw);
+    const int64_t r = j % (g.kh * g.kw);
+    const int64_t ky = r / g.kw;
+    const int64_t kx = r % g.kw;
+    taps.push_back({values[k], c, ky, kx, (c * g.H + ky * g.dh) * g.W + kx * g.dw});
+  }
+}
+
+// Output positions of rows [oy0, oy1) for batch elements [n0, n1) of output channel o (portable path).
+template <typename T>
+void forward_generic(const std::vector<Tap<T>>& taps, const T* in, T* out, const Geometry& g, int64_t o, int64_t n0,
+                     int64_t n1) {
+  constexpr int64_t kWidth = 16;
+  for (int64_t oy = 0; oy < g.OH; ++oy) {
+    for (int64_t ox = 0; ox < g.OW; ++ox) {
+      const int64_t y0 = oy * g.sh - g.ph;
+      const int64_t x0 = ox * g.sw - g.pw;
+      T* dst = out + ((o * g.OH + oy) * g.OW + ox) * g.N;
+      for (int64_t n = n0; n < n1; n += kWidth) {
+        const int64_t width = std::min(kWidth, n1 - n);
+        T acc[kWidth] = {};
+        for (const Tap<T>& t : taps) {
+          const int64_t iy = y0 + t.ky * g.dh;
+          const int64_t ix = x0 + t.kx * g.dw;
+          if (static_cast<uint64_t>(iy) >= static_cast<uint64_t>(g.H) ||
+              static_cast<uint64_t>(ix) >= static_cast<uint64_t>(g.W)) {
+            continue;
+          }
+          const T* src = in + (t.base + y0 * g.W + x0) * g.N + n;
+          for (int64_t u = 0; u < width; ++u) acc[u] += t.w * src[u];
+        }
+        for (int64_t u = 0; u < width; ++u) dst[n + u] = acc[u];
+      }
+    }
+  }
+}
+
+#if defined(FEDSPA_X86_DISPATCH)
+template <int V, bool kCheck>
+__attribute__((target("avx2,fma"))) inline void forward_position_avx2(const std::vector<Tap<float>>& taps,
+                                                                      const float* in, float* dst, const Geometry& g,
+                                                                      int64_t y0, int64_t x0, int64_t n) {
+  Acc8<V> acc;
+  acc.zero();
+  const int64_t shift = (y0 * g.W + x0) * g.N + n;
+  for (const Tap<float>& t : taps) {
+    if (kCheck) {
+      const int64_t iy = y0 + t.ky * g.dh;
+      const int64_t ix = x0 + t.kx * g.dw;
+      if (static_cast<uint64_t>(iy) >= static_cast<uint64_t>(g.H) ||
+          static_cast<uint64_t>(ix) >= static_cast<uint64_t>(g.W)) {
+        continue;
+      }
+    }
+    acc.fma(t.w, in + t.base * g.N + shift);
+  }
+  acc.store(dst + n);
+}
+
+template <bool kCheck>
+__attribute__((target("avx2,fma"))) void forward_position_all_avx2(const std::vector<Tap<float>>& taps,
+                                                                   const float* in, float* dst, const Geometry& g,
+                                                                   int64_t y0, int64_t x0, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 64 <= n1; n += 64) forward_position_avx2<8, kCheck>(taps, in, dst, g, y0, x0, n);
+  if (n + 32 <= n1) {
+    forward_position_avx2<4, kCheck>(taps, in, dst, g, y0, x0, n);
+    n += 32;
+  }
+  if (n + 16 <= n1) {
+    forward_position_avx2<2, kCheck>(taps, in, dst, g, y0, x0, n);
+    n += 16;
+  }
+  if (n + 8 <= n1) {
+    forward_position_avx2<1, kCheck>(taps, in, dst, g, y0, x0, n);
+    n += 8;
+  }
+  for (; n < n1; ++n) {
+    float acc = 0.f;
+    for (const Tap<float>& t : taps) {
+      const int64_t iy = y0 + t.ky * g.dh;
+      const int64_t ix = x0 + t.kx * g.dw;
+      if (static_cast<uint64_t>(iy) < static_cast<uint64_t>(g.H) &&
+          static_cast<uint64_t>(ix) < static_cast<uint64_t>(g.W)) {
+        acc += t.w * in[(t.base + y0 * g.W + x0) * g.N + n];
+      }
+    }
+    dst[n] = acc;
+  }
+}
+
+void forward_avx2(const std::vector<Tap<float>>& taps, const float* in, float* out, const Geometry& g, int64_t o,
+                  int64_t n0, int64_t n1) {
+  // Output rows/columns whose every tap lands inside the input need no bounds checks.
+  const auto inside = [](int64_t pad, int64_t size, int64_t k, int64_t d, int64_t s, int64_t out_size,
+                         int64_t& lo, int64_t& hi) {
+    lo = (pad + s - 1) / s;                                  // o * s - pad >= 0
+    const int64_t last = size - 1 - (k - 1) * d + pad;       // o * s - pad + (k - 1) d <= size - 1
+    hi = last < 0 ? -1 : std::min(out_size - 1, last / s);
+  };
+  int64_t ylo, yhi, xlo, xhi;
+  inside(g.ph, g.H, g.kh, g.dh, g.sh, g.OH, ylo, yhi);
+  inside(g.pw, g.W, g.kw, g.dw, g.sw, g.OW, xlo, xhi);
+  for (int64_t oy = 0; oy < g.OH; ++oy) {
+    const bool row_inside = oy >= ylo && oy <= yhi;
+    for (int64_t ox = 0; ox < g.OW; ++ox) {
+      float* dst = out + ((o * g.OH + oy) * g.OW + ox) * g.N;
+      const int64_t y0 = oy * g.sh - g.ph;
+      const int64_t x0 = ox * g.sw - g.pw;
+      if (row_inside && ox >= xlo && ox <= xhi) {
+        forward_position_all_avx2<false>(taps, in, dst, g, y0, x0, n0, n1);
+      } else {
+        forward_position_all_avx2<true>(taps, in, dst, g, y0, x0, n0, n1);
+      }
+    }
+  }
+}
+#endif
+
+// Batch blocks of 64 (the widest register accumulator) so that small layers still split across threads.
+constexpr int64_t kBatchBlock = 64;
+
+template <typename T>
+void forward_impl(const T* values, const int64_t* crow, const int32_t* col, const T* in, T* out, const Geometry& g) {
+  const int64_t blocks = (g.N + kBatchBlock - 1) / kBatchBlock;
+  at::parallel_for(0, g.O * blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<Tap<T>> taps;
+    int64_t decoded = -1;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t o = task / blocks;
+      const int64_t n0 = (task % blocks) * kBatchBlock;
+      const int64_t n1 = std::min(g.N, n0 + kBatchBlock);
+      if (o != decoded) {
+        decode_row(values, crow, col, o, g, taps);
+        decoded = o;
+      }
+#if defined(FEDSPA_X86_DISPATCH)
+      if constexpr (std::is_same_v<T, float>) {
+        if (cpu_has_avx2_fma()) {
+          forward_avx2(taps, in, out, g, o, n0, n1);
+          continue;
+        }
+      }
+#endif
+      forward_generic(taps, in, out, g, o, n0, n1);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Input gradient (gather through the transposed order: rows j = (c * kh + ky) * kw + kx, entries (o, w))
+// ------------------------------------------------------------------------------------------------------------------
+template <typename T>
+void input_grad_impl(const T* values_t, const int64_t* tcrow, const int32_t* tcol, const T* gout, T* gin,
+                     const Geometry& g) {
+  const int64_t blocks = (g.N + kBatchBlock - 1) / kBatchBlock;
+  at::parallel_for(0, g.C * blocks, 1, [&](int64_t t0, int64_t t1) {
+    T acc[kBatchBlock];
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t c = task / blocks;
+      const int64_t n0 = (task % blocks) * kBatchBlock;
+      const int64_t width = std::min(g.N - n0, kBatchBlock);
+      for (int64_t iy = 0; iy < g.H; ++iy) {
+        for (int64_t ix = 0; ix < g.W; ++ix) {
+          std::fill(acc, acc + width, T(0));
+          for (int64_t ky = 0; ky < g.kh; ++ky) {
+            const int64_t ty = iy + g.ph - ky * g.dh;
+            if (ty < 0 || ty % g.sh != 0 || ty / g.sh >= g.OH) continue;
+            const int64_t oy = ty / g.sh;
+            for (int64_t kx = 0; kx < g.kw; ++kx) {
+              const int64_t tx = ix + g.pw - kx * g.dw;
+              if (tx < 0 || tx % g.sw != 0 || tx / g.sw >= g.OW) continue;
+              const int64_t ox = tx / g.sw;
+              const int64_t j = (c * g.kh + ky) * g.kw + kx;
+              for (int64_t t = tcrow[j]; t < tcrow[j + 1]; ++t) {
+                const T w = values_t[t];
+                const T* src = gout + ((static_cast<int64_t>(tcol[t]) * g.OH + oy) * g.OW + ox) * g.N + n0;
+                for (int64_t u = 0; u < width; ++u) acc[u] += w * src[u];
+              }
+            }
+          }
+          std::copy(acc, acc + width, gin + ((c * g.H + iy) * g.W + ix) * g.N + n0);
+        }
+      }
+    }
+  });
+}
+
+#if defined(FEDSPA_X86_DISPATCH)
+// The same loop with the batch block in AVX2 registers (the portable loop above is the reference shape).
+template <int V>
+__attribute__((target("avx2,fma"))) void input_grad_block_avx2(const float* values_t, const int64_t* tcrow,
+                                                               const int32_t* tcol, const float* gout, float* gin,
+                                                               const Geometry& g, int64_t c, int64_t n0) {
+  for (int64_t iy = 0; iy < g.H; ++iy) {
+    for (int64_t ix = 0; ix < g.W; ++ix) {
+      Acc8<V> acc;
+      acc.zero();
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        const int64_t ty = iy + g.ph - ky * g.dh;
+        if (ty < 0 || ty % g.sh != 0 || ty / g.sh >= g.OH) continue;
+        const int64_t oy = ty / g.sh;
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          const int64_t tx = ix + g.pw - kx * g.dw;
+          if (tx < 0 || tx % g.sw != 0 || tx / g.sw >= g.OW) continue;
+          const int64_t ox = tx / g.sw;
+          const int64_t j = (c * g.kh + ky) * g.kw + kx;
+          for (int64_t t = tcrow[j]; t < tcrow[j + 1]; ++t) {
+            acc.fma(values_t[t], gout + ((static_cast<int64_t>(tcol[t]) * g.OH + oy) * g.OW + ox) * g.N + n0);
+          }
+        }
+      }
+      acc.store(gin + ((c * g.H + iy) * g.W + ix) * g.N + n0);
+    }
+  }
+}
+#endif
+
+template <typename T>
+void input_grad_dispatch(const T* values_t, const int64_t* tcrow, const int32_t* tcol, const T* gout, T* gin,
+                         const Geometry& g) {
+#if defined(FEDSPA_X86_DISPATCH)
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx2_fma() && g.N % 8 == 0) {
+      const int64_t blocks = (g.N + kBatchBlock - 1) / kBatchBlock;
+      at::parallel_for(0, g.C * blocks, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t task = t0; task < t1; ++task) {
+          const int64_t c = task / blocks;
+          const int64_t n0 = (task % blocks) * kBatchBlock;
+          switch (std::min(g.N - n0, kBatchBlock) / 8) {
+            case 8: input_grad_block_avx2<8>(values_t, tcrow, tcol, gout, gin, g, c, n0); break;
+            case 7: case 6: case 5: case 4: {
+              input_grad_block_avx2<4>(values_t, tcrow, tcol, gout, gin, g, c, n0);
+              const int64_t rest = std::min(g.N - n0, kBatchBlock) - 32;
+              if (rest >= 16) input_grad_block_avx2<2>(values_t, tcrow, tcol, gout, gin, g, c, n0 + 32);
+              if (rest % 16 == 8) input_grad_block_avx2<1>(values_t, tcrow, tcol, gout, gin, g, c, n0 + 32 + rest / 16 * 16);
+              break;
+            }
+            case 3: case 2:
+              input_grad_block_avx2<2>(values_t, tcrow, tcol, gout, gin, g, c, n0);
+              if ((std::min(g.N - n0, kBatchBlock) / 8) == 3) input_grad_block_avx2<1>(values_t, tcrow, tcol, gout, gin, g, c, n0 + 16);
+              break;
+            default: input_grad_block_avx2<1>(values_t, tcrow, tcol, gout, gin, g, c, n0); break;
+          }
+        }
+      });
+      return;
+    }
+  }
+#endif
+  input_grad_impl(values_t, tcrow, tcol, gout, gin, g);
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Weight gradient: per nonzero, sum over valid positions of dot(grad_out[o, oy, ox, :], input[c, iy, ix, :])
+// ------------------------------------------------------------------------------------------------------------------
+template <typename T>
+T tap_dot(const T* gout, const T* in, const Geometry& g, int64_t o, int64_t c, int64_t ky, int64_t kx) {
+  // valid output rows: 0 <= oy * sh - ph + ky * dh < H
+  const auto range = [](int64_t pad, int64_t k, int64_t d, int64_t s, int64_t size, int64_t out_size, int64_t& lo,
+                        int64_t& hi) {
+    const int64_t start = pad - k * d;  // oy * s >= start
+    lo = start <= 0 ? 0 : (start + s - 1) / s;
+    const int64_t end = size - 1 + pad - k * d;  // oy * s <= end
+    hi = end < 0 ? -1 : std::min(out_size - 1, end / s);
+  };
+  int64_t ylo, yhi, xlo, xhi;
+  range(g.ph, ky, g.dh, g.sh, g.H, g.OH, ylo, yhi);
+  range(g.pw, kx, g.dw, g.sw, g.W, g.OW, xlo, xhi);
+  T lanes[8] = {};
+  T tail = 0;
+  for (int64_t oy = ylo; oy <= yhi; ++oy) {
+    const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+    for (int64_t ox = xlo; ox <= xhi; ++ox) {
+      const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
+      const T* a = gout + ((o * g.OH + oy) * g.OW + ox) * g.N;
+      const T* b = in + ((c * g.H + iy) * g.W + ix) * g.N;
+      int64_t n = 0;
+      for (; n + 8 <= g.N; n += 8) {
+        for (int u = 0; u < 8; ++u) lanes[u] += a[n + u] * b[n + u];
+      }
+      for (; n < g.N; ++n) tail += a[n] * b[n];
+    }
+  }
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])) + tail;
+}
+
+#if defined(FEDSPA_X86_DISPATCH)
+__attribute__((target("avx2,fma"))) float tap_dot_avx2(const float* gout, const float* in, const Geometry& g,
+                                                       int64_t o, int64_t c, int64_t ky, int64_t kx) {
+  const auto range = [](int64_t pad, int64_t k, int64_t d, int64_t s, int64_t size, int64_t out_size, int64_t& lo,
+                        int64_t& hi) {
+    const int64_t start = pad - k * d;
+    lo = start <= 0 ? 0 : (start + s - 1) / s;
+    const int64_t end = size - 1 + pad - k * d;
+    hi = end < 0 ? -1 : std::min(out_size - 1, end / s);
+  };
+  int64_t ylo, yhi, xlo, xhi;
+  range(g.ph, ky, g.dh, g.sh, g.H, g.OH, ylo, yhi);
+  range(g.pw, kx, g.dw, g.sw, g.W, g.OW, xlo, xhi);
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  float tail = 0.f;
+  for (int64_t oy = ylo; oy <= yhi; ++oy) {
+    const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+    for (int64_t ox = xlo; ox <= xhi; ++ox) {
+      const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
+      const float* a = gout + ((o * g.OH + oy) * g.OW + ox) * g.N;
+      const float* b = in + ((c * g.H + iy) * g.W + ix) * g.N;
+      int64_t n = 0;
+      for (; n + 16 <= g.N; n += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + n), _mm256_loadu_ps(b + n), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + n + 8), _mm256_loadu_ps(b + n + 8), s1);
+      }
+      for (; n + 8 <= g.N; n += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + n), _mm256_loadu_ps(b + n), s0);
+      for (; n < g.N; ++n) tail += a[n] * b[n];
+    }
+  }
+  const __m256 s = _mm256_add_ps(s0, s1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 0x55));
+  return _mm_cvtss_f32(h) + tail;
+}
+#endif
+
+template <typename T>
+void weight_grad_impl(const T* gout, const T* in, const int64_t* crow, const int32_t* col, const int32_t* perm,
+                      T* out, const Geometry& g) {
+  at::parallel_for(0, g.O, 1, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int64_t k = crow[o]; k < crow[o + 1]; ++k) {
+        const int64_t j = col[k];
+        const int64_t c = j / (g.kh * g.kw);
+        const int64_t r = j % (g.kh * g.kw);
+        T value;
+#if defined(FEDSPA_X86_DISPATCH)
+        if constexpr (std::is_same_v<T, float>) {
+          value = cpu_has_avx2_fma() ? tap_dot_avx2(gout, in, g, o, c, r / g.kw, r % g.kw)
+                                     : tap_dot(gout, in, g, o, c, r / g.kw, r % g.kw);
+        } else {
+          value = tap_dot(gout, in, g, o, c, r / g.kw, r % g.kw);
+        }
+#else
+        value = tap_dot(gout, in, g, o, c, r / g.kw, r % g.kw);
+#endif
+        out[perm != nullptr ? perm[k] : k] = value;
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// The ops
+// ------------------------------------------------------------------------------------------------------------------
+at::Tensor spconv2d_cpu(const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
+                        const c10::optional<at::Tensor>& perm, const at::Tensor& input_t, at::IntArrayRef kernel,
+                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool validate) {
+  constexpr const char* op = "spconv2d";
+  check_conv_values(op, values, false);
+  check_conv_activation(op, "input_t", input_t, values);
+  check_structure_metadata(op, crow, col, perm, values.device());
+  const Geometry g = make_conv_geometry(op, input_t.size(0), input_t.size(1), input_t.size(2), input_t.size(3),
+                                   crow.numel() - 1, kernel, stride, padding, dilation);
+  if (validate) check_structure_values(op, crow, col, perm, g.C * g.kh * g.kw, values.numel());
+  const at::Tensor v = perm.has_value() ? values.index_select(0, *perm) : values.contiguous();
+  const at::Tensor in = feature_major(input_t);
+  const at::Tensor crow_c = crow.contiguous();
+  const at::Tensor col_c = col.contiguous();
+  at::Tensor out = at::empty({g.O, g.OH, g.OW, g.N}, input_t.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "spconv2d_cpu", [&] {
+    forward_impl<scalar_t>(v.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(), col_c.data_ptr<int32_t>(),
+                           in.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g);
+  });
+  return out;
+}
+
+at::Tensor spconv2d_input_grad_cpu(const at::Tensor& values, const at::Tensor& tcrow, const at::Tensor& tcol,
+                                   const c10::optional<at::Tensor>& tperm, const at::Tensor& grad_out_t,
+                                   at::IntArrayRef input_hw, at::IntArrayRef kernel, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation, bool validate) {
+  constexpr const char* op = "spconv2d_input_grad";
+  check_conv_values(op, values, false);
+  check_conv_activation(op, "grad_out_t", grad_out_t, values);
+  check_structure_metadata(op, tcrow, tcol, tperm, values.device());
+  const Geometry g = input_grad_geometry(op, tcrow, grad_out_t, input_hw, kernel, stride, padding, dilation);
+  if (validate) check_structure_values(op, tcrow, tcol, tperm, g.O, values.numel());
+  const at::Tensor v = tperm.has_value() ? values.index_select(0, *tperm) : values.contiguous();
+  const at::Tensor gout = feature_major(grad_out_t);
+  const at::Tensor tcrow_c = tcrow.contiguous();
+  const at::Tensor tcol_c = tcol.contiguous();
+  at::Tensor gin = at::empty({g.C, g.H, g.W, g.N}, grad_out_t.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "spconv2d_input_grad_cpu", [&] {
+    input_grad_dispatch<scalar_t>(v.data_ptr<scalar_t>(), tcrow_c.data_ptr<int64_t>(), tcol_c.data_ptr<int32_t>(),
+                                  gout.data_ptr<scalar_t>(), gin.data_ptr<scalar_t>(), g);
+  });
+  return gin;
+}
+
+at::Tensor spconv2d_weight_grad_cpu(const at::Tensor& grad_out_t, const at::Tensor& input_t, const at::Tensor& crow,
+                                    const at::Tensor& col, const c10::optional<at::Tensor>& perm,
+                                    at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, bool validate) {
+  constexpr const char* op = "spconv2d_weight_grad";
+  TORCH_CHECK_TYPE(input_t.scalar_type() == at::kFloat || input_t.scalar_type() == at::kDouble, op,
+                   " (cpp): input_t must be float32 or float64, got ", input_t.scalar_type());
+  check_conv_activation(op, "input_t", input_t, input_t);
+  check_conv_activation(op, "grad_out_t", grad_out_t, input_t);
+  check_structure_metadata(op, crow, col, perm, input_t.device());
+  const Geometry g = make_conv_geometry(op, input_t.size(0), input_t.size(1), input_t.size(2), input_t.size(3),
+                                        crow.numel() - 1, kernel, stride, padding, dilation);
+  check_weight_grad_shape(op, grad_out_t, g);
+  if (validate) check_structure_values(op, crow, col, perm, g.C * g.kh * g.kw, col.numel());
+  const at::Tensor gout = feature_major(grad_out_t);
+  const at::Tensor in = feature_major(input_t);
+  const at::Tensor crow_c = crow.contiguous();
+  const at::Tensor col_c = col.contiguous();
+  const at::Tensor perm_c = perm.has_value() ? perm->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({col.numel()}, input_t.options());
+  AT_DISPATCH_FLOATING_TYPES(input_t.scalar_type(), "spconv2d_weight_grad_cpu", [&] {
+    weight_grad_impl<scalar_t>(gout.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(),
+                               col_c.data_ptr<int32_t>(), perm.has_value() ? perm_c.data_ptr<int32_t>() : nullptr,
+                               out.data_ptr<scalar_t>(), g);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fedspa, CPU, m) {
+  m.impl("spconv2d", &spconv2d_cpu);
+  m.impl("spconv2d_input_grad", &spconv2d_input_grad_cpu);
+  m.impl("spconv2d_weight_grad", &spconv2d_weight_grad_cpu);
+}
+
+}  // namespace fedspa
