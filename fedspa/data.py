@@ -1,0 +1,317 @@
+"""Datasets that can be had offline, non-IID partitions, and each client's own train/test split.
+
+Datasets (see shared/datasets.md): Fashion-MNIST (the Debian package dataset-fashion-mnist, IDX files), MNIST and
+EMNIST (IDX files the user places in a directory), CIFAR-10/100 (the official python pickles, from a directory),
+scikit-learn's digits, and the LEAF/FedProx Synthetic(alpha, beta) data. Nothing is downloaded.
+
+Partitions: Dirichlet(alpha) over labels, pathological (n classes per client), IID. Each client's samples are split
+into its own train and test sets with the same label mix (stratified), as personalized FL evaluates.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+IDX_FILES = {
+    "fashion_mnist": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                      "t10k-labels-idx1-ubyte"),
+    "mnist": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+              "t10k-labels-idx1-ubyte"),
+    "emnist": ("emnist-balanced-train-images-idx3-ubyte", "emnist-balanced-train-labels-idx1-ubyte",
+               "emnist-balanced-test-images-idx3-ubyte", "emnist-balanced-test-labels-idx1-ubyte"),
+}
+CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
+}
+
+
+@dataclass
+class Pool:
+    """All samples of a dataset (train and test sets pooled, as partitions resplit them per client)."""
+
+    x: torch.Tensor  # (n, C, H, W) float32 in [0, 1] (images), or (n, features)
+    y: torch.Tensor  # (n,) int64
+    num_classes: int
+    name: str
+
+
+@dataclass
+class ClientData:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_y.numel())
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are not where they were looked for."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------------------------
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise ValueError(f"{path} is too short to be an IDX file")
+    zero, dtype_code, dims = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()})")
+    shape = struct.unpack(">" + "I" * dims, data[4:4 + 4 * dims])
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path} holds {array.size} bytes for shape {shape}")
+    return array.reshape(shape)
+
+
+def _find(root: Path, name: str) -> Path | None:
+    for candidate in (root / name, root / (name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _roots(dataset: str, root: str | None) -> list[Path]:
+    roots = []
+    if root:
+        roots.append(Path(root))
+    if os.environ.get("FEDSPA_DATA"):
+        base = Path(os.environ["FEDSPA_DATA"])
+        roots += [base / dataset, base]
+    if dataset == "fashion_mnist":
+        roots.append(DEBIAN_FASHION_MNIST)
+    return roots
+
+
+def load_idx(dataset: str, root: str | None) -> Pool:
+    names = IDX_FILES[dataset]
+    searched = _roots(dataset, root)
+    for base in searched:
+        paths = [_find(base, n) for n in names]
+        if all(paths):
+            images = np.concatenate([_read_idx(paths[0]), _read_idx(paths[2])])
+            labels = np.concatenate([_read_idx(paths[1]), _read_idx(paths[3])]).astype(np.int64)
+            x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+            if dataset == "emnist":  # EMNIST images are stored transposed
+                x = x.transpose(2, 3).contiguous()
+            y = torch.from_numpy(labels)
+            return Pool(x, y, int(y.max()) + 1, dataset)
+    hint = " (install the Debian package dataset-fashion-mnist)" if dataset == "fashion_mnist" else ""
+    raise DatasetNotFoundError(
+        f"{dataset}: expected the IDX files {', '.join(n + '[.gz]' for n in names)} in one of "
+        f"{', '.join(str(p) for p in searched) or 'data.root / $FEDSPA_DATA'}{hint}")
+
+
+def load_cifar(dataset: str, root: str | None) -> Pool:
+    folder, train_files, test_files, label_key = CIFAR_FILES[dataset]
+    searched = []
+    for base in _roots(dataset, root):
+        for directory in (base / folder, base):
+            searched.append(directory)
+            paths = [directory / f for f in train_files + test_files]
+            if all(p.is_file() for p in paths):
+                images, labels = [], []
+                for p in paths:
+                    with open(p, "rb") as f:
+                        batch = pickle.load(f, encoding="bytes")
+                    images.append(np.asarray(batch[b"data"], dtype=np.uint8))
+                    labels.append(np.asarray(batch[label_key], dtype=np.int64))
+                x = torch.from_numpy(np.concatenate(images).reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
+                y = torch.from_numpy(np.concatenate(labels))
+                return Pool(x, y, int(y.max()) + 1, dataset)
+    raise DatasetNotFoundError(
+        f"{dataset}: expected the python pickles {folder}/{{{', '.join(train_files + test_files)}}} under "
+        f"{', '.join(str(p) for p in searched) or 'data.root / $FEDSPA_DATA'} (the official archive, extracted)")
+
+
+def load_digits() -> Pool:
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return Pool(x, torch.tensor(bunch.target, dtype=torch.int64), 10, "digits")
+
+
+def synthetic(clients: int, alpha: float = 1.0, beta: float = 1.0, dim: int = 60, classes: int = 10,
+              samples_per_client: int = 200, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """LEAF/FedProx Synthetic(alpha, beta): client k draws a model W_k ~ N(u_k, 1), u_k ~ N(0, alpha), and
+    inputs x ~ N(v_k, Sigma), v_k ~ N(B_k, 1), B_k ~ N(0, beta), Sigma_jj = j^-1.2; y = argmax softmax(W_k x + b_k)."""
+    rng = np.random.default_rng(seed)
+    covariance = np.diag(np.arange(1, dim + 1, dtype=np.float64) ** -1.2)
+    out = []
+    for _ in range(clients):
+        u, b_mean = rng.normal(0, alpha), rng.normal(0, beta)
+        weights = rng.normal(u, 1, (dim, classes))
+        bias = rng.normal(u, 1, classes)
+        mean = rng.normal(b_mean, 1, dim)
+        x = rng.multivariate_normal(mean, covariance, samples_per_client)
+        y = np.argmax(x @ weights + bias, axis=1)
+        out.append((torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)))
+    return out
+
+
+def load_pool(config: DataConfig) -> Pool:
+    """The dataset named in the config, train and test sets pooled."""
+    if config.dataset in IDX_FILES:
+        return load_idx(config.dataset, config.root)
+    if config.dataset in CIFAR_FILES:
+        return load_cifar(config.dataset, config.root)
+    if config.dataset == "digits":
+        return load_digits()
+    raise ValueError(f"load_pool: {config.dataset} is generated per client, not pooled")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Partitioning
+# ------------------------------------------------------------------------------------------------------------------
+def partition(labels: np.ndarray, clients: int, config: DataConfig, num_classes: int) -> list[np.ndarray]:
+    """Sample indices of each client (disjoint).
+
+    Raises:
+        ValueError: a partition that cannot be made (more classes per client than classes, too few samples).
+    """
+    rng = np.random.default_rng(config.seed)
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+    per_client = config.samples_per_client or len(labels) // clients
+    if per_client * clients > len(labels):
+        raise ValueError(f"data.samples_per_client={per_client} x {clients} clients needs {per_client * clients} "
+                         f"samples, the dataset has {len(labels)}")
+    if config.partition == "iid":
+        order = rng.permutation(len(labels))
+        return [np.sort(order[k * per_client:(k + 1) * per_client]) for k in range(clients)]
+    if config.partition == "pathological":
+        if config.classes_per_client > num_classes:
+            raise ValueError(f"data.classes_per_client={config.classes_per_client} exceeds the {num_classes} classes")
+        # every class is given to the same number of clients (as far as possible), each client n distinct classes
+        slots = np.concatenate([rng.permutation(num_classes) for _ in range(
+            -(-clients * config.classes_per_client // num_classes))])
+        proportions = np.zeros((clients, num_classes))
+        for k in range(clients):
+            chosen: list[int] = []
+            for c in slots[k * config.classes_per_client:]:
+                if len(chosen) == config.classes_per_client:
+                    break
+                if c not in chosen:
+                    chosen.append(int(c))
+            for c in rng.permutation(num_classes):
+                if len(chosen) == config.classes_per_client:
+                    break
+                if c not in chosen:
+                    chosen.append(int(c))
+            proportions[k, chosen] = 1.0 / len(chosen)
+    else:
+        proportions = rng.dirichlet(np.full(num_classes, config.alpha), size=clients)
+    return _draw(by_class, proportions, per_client, rng)
+
+
+def _draw(by_class: list[np.ndarray], proportions: np.ndarray, per_client: int,
+          rng: np.random.Generator) -> list[np.ndarray]:
+    """Each client takes per_client samples with its class proportions, without replacement across clients;
+    when a class runs out, the client's remaining need is spread over its other classes."""
+    cursor = np.zeros(len(by_class), dtype=np.int64)
+    available = np.array([len(c) for c in by_class])
+    out = []
+    for p in proportions:
+        want = np.floor(p * per_client).astype(np.int64)
+        want[np.argsort(-(p * per_client - want))[: per_client - want.sum()]] += 1  # largest remainders
+        take = np.minimum(want, available - cursor)
+        short = per_client - take.sum()
+        while short > 0:  # refill from the classes with samples left, in order of the client's preference
+            order = [c for c in np.argsort(-p) if available[c] - cursor[c] - take[c] > 0]
+            if not order:
+                order = [c for c in rng.permutation(len(by_class)) if available[c] - cursor[c] - take[c] > 0]
+            if not order:
+                raise ValueError("partition: not enough samples left for every client")
+            take[order[0]] += 1
+            short -= 1
+        chosen = [by_class[c][cursor[c]:cursor[c] + take[c]] for c in range(len(by_class))]
+        cursor += take
+        out.append(np.sort(np.concatenate(chosen)))
+    return out
+
+
+def _split(indices: np.ndarray, labels: np.ndarray, test_fraction: float,
+           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified: every class of the client contributes test_fraction of its samples to the test split."""
+    train, test = [], []
+    for c in np.unique(labels[indices]):
+        members = rng.permutation(indices[labels[indices] == c])
+        n_test = int(round(test_fraction * len(members)))
+        if len(members) > 1:
+            n_test = min(max(n_test, 1), len(members) - 1)
+        else:
+            n_test = 0
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def federated_data(config: DataConfig, clients: int) -> tuple[list[ClientData], int, tuple[int, ...], dict]:
+    """Every client's train/test data, the number of classes, the input shape, and the partition record."""
+    rng = np.random.default_rng(config.seed + 1)
+    if config.dataset == "synthetic":
+        parts = synthetic(clients, samples_per_client=config.samples_per_client or 200, seed=config.seed)
+        out, record = [], {"dataset": "synthetic", "clients": []}
+        for x, y in parts:
+            idx = np.arange(len(y))
+            train, test = _split(idx, y.numpy(), config.test_fraction, rng)
+            out.append(ClientData(x[train], y[train], x[test], y[test]))
+            record["clients"].append({"train": train.tolist(), "test": test.tolist()})
+        return out, 10, tuple(parts[0][0].shape[1:]), record
+    pool = load_pool(config)
+    labels = pool.y.numpy()
+    assignments = partition(labels, clients, config, pool.num_classes)
+    out, record = [], {"dataset": pool.name, "partition": config.partition, "clients": []}
+    for indices in assignments:
+        train, test = _split(indices, labels, config.test_fraction, rng)
+        out.append(ClientData(pool.x[train], pool.y[train], pool.x[test], pool.y[test]))
+        record["clients"].append({"train": train.tolist(), "test": test.tolist()})
+    return out, pool.num_classes, tuple(pool.x.shape[1:]), record
+
+
+def label_counts(clients: list[ClientData], num_classes: int) -> np.ndarray:
+    """(clients x classes) training-label counts."""
+    return np.stack([np.bincount(c.train_y.numpy(), minlength=num_classes) for c in clients])
+
+
+def plot_label_distribution(clients: list[ClientData], num_classes: int, path: str | Path) -> None:
+    """A stacked bar chart of each client's training labels, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = label_counts(clients, num_classes)
+    fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(clients)), 4))
+    bottom = np.zeros(len(clients))
+    cmap = plt.get_cmap("tab20" if num_classes > 10 else "tab10")
+    for c in range(num_classes):
+        ax.bar(np.arange(len(clients)), counts[:, c], bottom=bottom, color=cmap(c % cmap.N), label=str(c))
+        bottom += counts[:, c]
+    ax.set_xlabel("client")
+    ax.set_ylabel("training samples")
+    ax.set_title("label distribution per client")
+    if num_classes <= 20:
+        ax.legend(title="class", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,104 @@
+"""Offline datasets, non-IID partitions, per-client stratified splits, clear errors for missing files."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from fedspa.config import DataConfig
+from fedspa.data import (DatasetNotFoundError, federated_data, label_counts, load_cifar, load_idx, partition,
+                         plot_label_distribution)
+
+
+def _labels(n_per_class=100, classes=10):
+    return np.repeat(np.arange(classes), n_per_class)
+
+
+def _write_idx(path, array):
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("kind", ["dirichlet", "pathological", "iid"])
+def test_partitions_are_disjoint_sized_and_reproducible(kind):
+    labels = _labels()
+    config = DataConfig(partition=kind, alpha=0.3, classes_per_client=2, samples_per_client=80, seed=3)
+    parts = partition(labels, 10, config, 10)
+    again = partition(labels, 10, config, 10)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(len(p) == 80 for p in parts)
+    joined = np.concatenate(parts)
+    assert len(np.unique(joined)) == len(joined)  # disjoint
+    if kind == "pathological":
+        assert all(len(np.unique(labels[p])) == 2 for p in parts)
+    if kind == "dirichlet":  # alpha = 0.3 concentrates: most clients are dominated by few classes
+        top_share = [np.bincount(labels[p], minlength=10).max() / len(p) for p in parts]
+        assert np.median(top_share) > 0.3
+    other = partition(labels, 10, DataConfig(partition=kind, classes_per_client=2, samples_per_client=80, seed=4), 10)
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+
+
+def test_partition_errors():
+    labels = _labels(10)
+    with pytest.raises(ValueError, match="needs 2000 samples, the dataset has 100"):
+        partition(labels, 10, DataConfig(samples_per_client=200), 10)
+    with pytest.raises(ValueError, match="classes_per_client=11 exceeds the 10 classes"):
+        partition(labels, 2, DataConfig(partition="pathological", classes_per_client=11, samples_per_client=5), 10)
+
+
+def test_each_client_has_a_stratified_test_split_and_the_plot_is_written(tmp_path):
+    config = DataConfig(dataset="digits", partition="dirichlet", alpha=0.5, samples_per_client=150, test_fraction=0.2)
+    clients, classes, shape, record = federated_data(config, 6)
+    assert (classes, shape, len(clients), len(record["clients"])) == (10, (1, 8, 8), 6, 6)
+    for c in clients:
+        assert c.num_train + c.test_y.numel() == 150
+        assert c.train_x.dtype == torch.float32 and 0 <= c.train_x.min() and c.train_x.max() <= 1
+        train_share = np.bincount(c.train_y.numpy(), minlength=10) / c.num_train
+        test_share = np.bincount(c.test_y.numpy(), minlength=10) / c.test_y.numel()
+        assert np.abs(train_share - test_share).max() < 0.2  # same label mix
+        assert set(c.test_y.tolist()) <= set(c.train_y.tolist())
+    assert label_counts(clients, 10).sum() == sum(c.num_train for c in clients)
+    plot_label_distribution(clients, 10, tmp_path / "labels.png")
+    assert (tmp_path / "labels.png").stat().st_size > 1000
+
+
+def test_synthetic_data_per_client():
+    clients, classes, shape, _ = federated_data(DataConfig(dataset="synthetic", samples_per_client=100), 4)
+    assert classes == 10 and shape == (60,) and len(clients) == 4
+    assert all(c.num_train + c.test_y.numel() == 100 for c in clients)
+
+
+def test_idx_files_from_a_directory(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    pool = load_idx("mnist", str(tmp_path))
+    assert pool.x.shape == (40, 1, 28, 28) and pool.y.shape == (40,) and float(pool.x.max()) <= 1.0
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\x09abc"))
+    with pytest.raises(ValueError, match="holds 3 bytes for shape"):
+        load_idx("mnist", str(tmp_path))
+
+
+def test_cifar_pickles_from_a_directory(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 9]}, f)
+    pool = load_cifar("cifar10", str(tmp_path))
+    assert pool.x.shape == (24, 3, 32, 32) and pool.num_classes == 10
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "mnist", "emnist"])
+def test_missing_files_give_a_clear_error(dataset, tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDSPA_DATA", raising=False)
+    with pytest.raises(DatasetNotFoundError, match=f"{dataset}: expected the .* {tmp_path}"):
+        federated_data(DataConfig(dataset=dataset, root=str(tmp_path)), 4)
