@@ -1,24 +1,102 @@
-"""The ``fedspa`` command."""
+"""The ``fedspa`` command: ``info``, ``train`` and ``compare``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML or JSON experiment file (default: the built-in defaults)")
+    parser.add_argument("--output", help="output folder (default: <output_dir>/<UTC time>_<name>)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. rounds=50 fedspa.density=0.2 data.dataset=digits")
+
+
+def _summary_lines(summary: dict) -> list[str]:
+    from .train import format_bytes
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    return [
+        f"personalized accuracy (pooled): last round {summary['final_round']}: {pct(summary['final_acc_pooled'])}"
+        f" (mean over clients {pct(summary['final_acc_mean'])} ± {pct(summary['final_acc_std'])}),"
+        f" best round {summary['best_round']}: {pct(summary['best_acc_pooled'])}",
+        f"communicated: up {format_bytes(summary['bytes_up'])}, down {format_bytes(summary['bytes_down'])}",
+        f"training FLOPs: {summary['training_flops'] / 1e9:.1f} G; peak client step memory: "
+        f"{format_bytes(summary['peak_client_memory'])}; {summary['seconds_per_round']:.2f} s / round",
+        f"results: {summary['output_dir']}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedspa", description="Personalized federated learning with sparse local models")
+    parser = argparse.ArgumentParser(prog="fedspa",
+                                     description="Personalized federated learning with sparse local models")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="which kernel backends are built and usable here, with versions")
     info.add_argument("--json", action="store_true", help="print the facts as JSON")
+
+    train = sub.add_parser("train", help="run one federated experiment")
+    _add_config_arguments(train)
+    train.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt if it exists")
+
+    compare = sub.add_parser("compare", help="several algorithms on the same partition and seeds, one table")
+    _add_config_arguments(compare)
+    compare.add_argument("--variants", default="fedspa,fedspa:dense_masked,fedavg",
+                         help="comma-separated algorithm[:execution] (default: %(default)s)")
+    compare.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated training seeds (default: 0)")
+    compare.add_argument("--target", type=float, default=None,
+                         help="accuracy for 'MB to reach' (default: 0.95 x the lowest final accuracy)")
+    compare.add_argument("--restart", action="store_true", help="start every run over instead of resuming")
+
     args = parser.parse_args(argv)
     if args.command == "info":
         import fedspa_kernels as fk
 
         facts = fk.system_info()
         print(json.dumps(facts, indent=2) if args.json else fk.format_system_info(facts))
-    return 0
+        return 0
 
+    from .config import ExperimentConfig
+
+    try:
+        config = ExperimentConfig.load(args.config, args.overrides)
+        if args.command == "compare":
+            from .compare import Variant
+
+            variants = [Variant.parse(v).label for v in args.variants.split(",") if v.strip()]
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"fedspa {args.command}: {exc}", file=sys.stderr)
+        return 2
+    from .data import DatasetNotFoundError
+    from .train import CheckpointError
+
+    try:
+        if args.command == "train":
+            from .train import run
+
+            result = run(config, output_dir=args.output, resume=args.resume)
+            print("\n".join(_summary_lines(result.summary)))
+            return 0
+        from .compare import compare as run_compare
+
+        comparison = run_compare(config, variants, args.seeds,
+                                 output_dir=args.output, target_accuracy=args.target, resume=not args.restart)
+    except (DatasetNotFoundError, CheckpointError) as exc:
+        print(f"fedspa {args.command}: {exc}", file=sys.stderr)
+        return 2
+    print(comparison.markdown)
+    print(f"results: {comparison.output_dir}")
+    return 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""Several algorithms on the same partition and seeds: one table (markdown + CSV + JSON) and plots.
+
+A variant is ``algorithm`` or ``algorithm:execution`` (``fedspa:dense_masked``: FedSpa's masks and updates on dense
+weights times the mask). Every run lands in ``<output>/<variant>_seed<k>/`` (a full ``fedspa.train`` folder); a
+comparison that was interrupted resumes its unfinished runs from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import datetime as _dt
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import ALGORITHMS, EXECUTIONS, ExperimentConfig
+from .train import RunResult, run
+
+DEFAULT_VARIANTS = ("fedspa", "fedspa:dense_masked", "fedavg")
+
+
+@dataclass
+class Variant:
+    """One column of the comparison: an algorithm and, for FedSpa, how it executes."""
+
+    algorithm: str
+    execution: str = "sparse"
+
+    @property
+    def label(self) -> str:
+        return self.algorithm if self.execution == "sparse" else f"{self.algorithm}:{self.execution}"
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        algorithm, _, execution = spec.strip().partition(":")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algorithm!r} in variant {spec!r}; choose from {', '.join(ALGORITHMS)}")
+        execution = execution or "sparse"
+        if execution not in EXECUTIONS:
+            raise ValueError(f"unknown execution {execution!r} in variant {spec!r}; choose from {', '.join(EXECUTIONS)}")
+        if execution != "sparse" and algorithm != "fedspa":
+            raise ValueError(f"variant {spec!r}: only fedspa has an execution mode")
+        return cls(algorithm, execution)
+
+    def configure(self, base: ExperimentConfig, seed: int) -> ExperimentConfig:
+        config = copy.deepcopy(base)
+        config.algorithm = self.algorithm
+        config.fedspa.execution = self.execution
+        config.seed = seed
+        config.name = f"{self.label.replace(':', '_')}_seed{seed}"
+        return config.validate()
+
+
+@dataclass
+class Comparison:
+    output_dir: Path
+    rows: list[dict]  # one per variant, aggregated over seeds
+    runs: dict[str, list[RunResult]]  # variant label -> one result per seed
+    target_accuracy: float
+    markdown: str
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if array.size == 0:
+        return float("nan"), float("nan")
+    return float(array.mean()), float(array.std())
+
+
+def bytes_to_accuracy(history: list[dict], target: float) -> float | None:
+    """Bytes (up + down) communicated until the pooled accuracy first reached `target`; None if it never did."""
+    total = 0
+    for h in history:
+        total += h["bytes_up"] + h["bytes_down"]
+        if h.get("acc_pooled") is not None and h["acc_pooled"] >= target:
+            return float(total)
+    return None
+
+
+def _row(label: str, results: list[RunResult], target: float) -> dict:
+    summaries = [r.summary for r in results]
+    final = [s["final_acc_pooled"] for s in summaries]
+    best = [s["best_acc_pooled"] for s in summaries]
+    client_std = [s["final_acc_std"] for s in summaries]
+    client_mean = [s["final_acc_mean"] for s in summaries]
+    reach = [bytes_to_accuracy(r.history, target) for r in results]
+    reached = [b for b in reach if b is not None]
+    rounds = [s["rounds"] for s in summaries]
+    clients_trained = [sum(len(h["sampled"]) for h in r.history) for r in results]
+    return {
+        "variant": label,
+        "seeds": len(results),
+        "acc_final": _mean_std(final)[0],
+        "acc_final_std_seeds": _mean_std(final)[1],
+        "acc_client_mean": _mean_std(client_mean)[0],
+        "acc_client_std": _mean_std(client_std)[0],
+        "acc_best": _mean_std(best)[0],
+        "bytes_total": _mean_std([s["bytes_up"] + s["bytes_down"] for s in summaries])[0],
+        "bytes_up": _mean_std([s["bytes_up"] for s in summaries])[0],
+        "bytes_down": _mean_std([s["bytes_down"] for s in summaries])[0],
+        "bytes_to_target": _mean_std(reached)[0] if len(reached) == len(reach) else None,
+        "seeds_reaching_target": len(reached),
+        "training_flops": _mean_std([s["training_flops"] for s in summaries])[0],
+        "flops_per_client_round": _mean_std([s["training_flops"] / max(c, 1)
+                                              for s, c in zip(summaries, clients_trained)])[0],
+        "peak_client_memory": _mean_std([s["peak_client_memory"] for s in summaries])[0],
+        "seconds_per_round": _mean_std([s["median_seconds_per_round"] for s in summaries])[0],
+        "rounds": int(np.median(rounds)),
+    }
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value / scale:.{digits}f}"
+
+
+def format_table(rows: list[dict], target: float) -> str:
+    """The comparison as a markdown table."""
+    head = ("| variant | seeds | personalized acc. (final, pooled) | mean ± std over clients | best | "
+            f"MB up+down | MB to reach {target:.3f} | training GFLOP / client-round | peak client MB | s / round (median) |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+    lines = []
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['seeds']} | {_fmt(r['acc_final'], 0.01)}"
+            f"{' ± ' + _fmt(r['acc_final_std_seeds'], 0.01) if r['seeds'] > 1 else ''}"
+            f" | {_fmt(r['acc_client_mean'], 0.01)} ± {_fmt(r['acc_client_std'], 0.01)} | {_fmt(r['acc_best'], 0.01)}"
+            f" | {_fmt(r['bytes_total'], 1e6)} | {_fmt(r['bytes_to_target'], 1e6)}"
+            f" | {_fmt(r['flops_per_client_round'], 1e9, 2)} | {_fmt(r['peak_client_memory'], 1e6, 2)}"
+            f" | {_fmt(r['seconds_per_round'], 1.0, 2)} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _plot(runs: dict[str, list[RunResult]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for name, xlabel in (("round", "round"), ("bytes", "MB communicated (up + down)")):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for label, results in runs.items():
+            curves = []
+            for r in results:
+                cumulative, xs, ys = 0, [], []
+                for h in r.history:
+                    cumulative += h["bytes_up"] + h["bytes_down"]
+                    if h.get("acc_pooled") is not None:
+                        xs.append(h["round"] if name == "round" else cumulative / 1e6)
+                        ys.append(h["acc_pooled"])
+                curves.append((xs, ys))
+            length = min(len(c[1]) for c in curves)
+            xs = np.mean([c[0][:length] for c in curves], axis=0)
+            ys = np.array([c[1][:length] for c in curves])
+            ax.plot(xs, ys.mean(0), label=label)
+            if len(curves) > 1:
+                ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("personalized test accuracy (pooled)")
+        if name == "bytes":
+            ax.set_xscale("log")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / f"accuracy_vs_{name}.png", dpi=120)
+        plt.close(fig)
+
+
+def compare(config: ExperimentConfig, variants: list[str] | tuple[str, ...] = DEFAULT_VARIANTS,
+            seeds: list[int] | tuple[int, ...] = (0,), output_dir: str | Path | None = None,
+            target_accuracy: float | None = None, resume: bool = True) -> Comparison:
+    """Runs every variant for every seed on `config` (same data partition: ``config.data.seed``) and writes
+    ``comparison.md``, ``comparison.csv``, ``comparison.json`` and ``accuracy_vs_{round,bytes}.png``.
+
+    Args:
+        variants: ``algorithm`` or ``algorithm:execution`` strings.
+        seeds: training seeds (model init, masks, sampling, shuffling).
+        target_accuracy: for "bytes to reach"; default 0.95 x the lowest final accuracy among the variants.
+        resume: finish interrupted runs from their checkpoints instead of starting over.
+    """
+    parsed = [Variant.parse(v) for v in variants]
+    if not parsed or not seeds:
+        raise ValueError("compare needs at least one variant and one seed")
+    if len({v.label for v in parsed}) != len(parsed):
+        raise ValueError(f"duplicate variants in {list(variants)}")
+    config.validate()
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(output_dir) if output_dir is not None else Path(config.output_dir) / f"{stamp}_compare"
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[RunResult]] = {}
+    for variant in parsed:
+        for seed in seeds:
+            run_config = variant.configure(config, seed)
+            runs.setdefault(variant.label, []).append(run(run_config, output_dir=out / run_config.name, resume=resume))
+    if target_accuracy is None:
+        target_accuracy = 0.95 * min(_mean_std([r.summary["final_acc_pooled"] for r in results])[0]
+                                     for results in runs.values())
+    rows = [_row(label, results, target_accuracy) for label, results in runs.items()]
+    markdown = format_table(rows, target_accuracy)
+    (out / "comparison.md").write_text(markdown)
+    with (out / "comparison.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    import fedspa_kernels as fk
+
+    info = fk.system_info()
+    (out / "comparison.json").write_text(json.dumps({
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": config.to_dict(), "variants": [v.label for v in parsed], "seeds": list(seeds),
+        "target_accuracy": target_accuracy, "rows": rows,
+        "machine": {k: info[k] for k in ("platform", "cpu_threads", "python", "torch", "triton", "fedspa")},
+    }, indent=2))
+    _plot(runs, out)
+    return Comparison(out, rows, runs, target_accuracy, markdown)

@@ -1,0 +1,75 @@
+"""The `fedspa` command: train, compare, and clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from fedspa.cli import main
+from fedspa.compare import Variant, bytes_to_accuracy
+
+TINY = ["data.dataset=digits", "data.samples_per_client=200", "clients=3", "client_fraction=1.0", "model.name=mlp",
+        "model.width=4", "rounds=2", "local_steps=3", "fedspa.density=0.3", "measure_memory=false", "progress=false"]
+
+
+def test_train_prints_a_summary_and_writes_the_run(tmp_path, capsys):
+    assert main(["train", "--output", str(tmp_path / "run"), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "personalized accuracy (pooled)" in out and "communicated: up" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["algorithm"] == "fedspa"
+    assert main(["train", "--output", str(tmp_path / "run"), "--resume", *TINY]) == 0  # already complete
+
+
+def test_compare_writes_one_table_for_every_variant_and_seed(tmp_path, capsys):
+    assert main(["compare", "--output", str(tmp_path), "--variants", "fedspa,fedspa:dense_masked,fedavg",
+                 "--seeds", "0,1", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "| fedspa:dense_masked | 2 |" in out
+    with (tmp_path / "comparison.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == ["fedspa", "fedspa:dense_masked", "fedavg"]
+    assert all(r["seeds"] == "2" for r in rows)
+    assert float(rows[0]["bytes_total"]) < float(rows[2]["bytes_total"])
+    for name in ("comparison.md", "comparison.json", "accuracy_vs_round.png", "accuracy_vs_bytes.png"):
+        assert (tmp_path / name).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "fedavg_seed0", "fedavg_seed1", "fedspa_dense_masked_seed0", "fedspa_dense_masked_seed1", "fedspa_seed0",
+        "fedspa_seed1"]
+    meta = json.loads((tmp_path / "comparison.json").read_text())
+    assert meta["seeds"] == [0, 1] and "torch" in meta["machine"]
+
+
+def test_bytes_to_accuracy():
+    history = [{"bytes_up": 10, "bytes_down": 5, "acc_pooled": 0.2}, {"bytes_up": 10, "bytes_down": 5},
+               {"bytes_up": 10, "bytes_down": 5, "acc_pooled": 0.6}]
+    assert bytes_to_accuracy(history, 0.5) == 45
+    assert bytes_to_accuracy(history, 0.1) == 15
+    assert bytes_to_accuracy(history, 0.9) is None
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "fedspa.density=2"], r"fedspa.density must lie in \(0, 1\]"),
+    (["train", "data.dataset=imagenet"], "data.dataset must be one of"),
+    (["train", "--config", "/nonexistent.yaml"], "does not exist"),
+    (["compare", "--variants", "fedavg:dense_masked"], "only fedspa has an execution mode"),
+    (["compare", "--variants", "fedprox"], "unknown algorithm 'fedprox'"),
+])
+def test_bad_arguments_exit_2_with_a_message(args, message, capsys):
+    assert main(args) == 2
+    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+
+
+def test_missing_dataset_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FEDSPA_DATA", raising=False)
+    assert main(["train", "--output", str(tmp_path), "data.dataset=cifar10", f"data.root={tmp_path}"]) == 2
+    assert "cifar10: expected the python pickles" in capsys.readouterr().err
+
+
+def test_variant_parsing():
+    assert Variant.parse("fedspa:dense_masked").label == "fedspa:dense_masked"
+    assert Variant.parse(" fedavg ").label == "fedavg"
+    with pytest.raises(ValueError, match="unknown execution 'fast'"):
+        Variant.parse("fedspa:fast")

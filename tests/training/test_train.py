@@ -1,0 +1,124 @@
+"""fedspa.train end to end: it learns, sparse == dense-masked math, resume equals an uninterrupted run, bad
+checkpoints are refused, and the costs it reports are the ones FedSpa claims to save."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedspa.config import ExperimentConfig
+from fedspa.train import CheckpointError, load_checkpoint, run
+
+TINY = ["data.dataset=digits", "data.samples_per_client=250", "data.alpha=0.5", "clients=4", "client_fraction=1.0",
+        "model.name=mlp", "model.width=8", "fedspa.density=0.3", "rounds=8", "local_epochs=4", "batch_size=25",
+        "progress=false"]
+TIMING = {"train_seconds", "eval_seconds", "peak_memory"}
+
+
+def _config(*overrides: str) -> ExperimentConfig:
+    return ExperimentConfig.load(None, TINY + list(overrides))
+
+
+def _semantic(history):
+    return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_fedspa_learns_well_above_chance(tmp_path, model):
+    result = run(_config(f"model.name={model}"), output_dir=tmp_path)
+    s = result.summary
+    assert s["final_acc_pooled"] > 0.6, s  # 10 classes: chance is 0.1
+    assert s["best_acc_pooled"] >= s["final_acc_pooled"]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    for name in ("config.yaml", "partition.json", "metrics.jsonl", "metrics.csv", "summary.json", "checkpoint.pt",
+                 "label_distribution.png", "accuracy_vs_round.png", "accuracy_vs_bytes.png"):
+        assert (tmp_path / name).is_file(), name
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and len(rows[-1]["acc_per_client"]) == 4
+    assert all(r["peak_memory"] > 0 and r["bytes_up"] > 0 and r["flops"] > 0 for r in rows)
+
+
+def test_sparse_and_dense_masked_execution_compute_the_same_thing(tmp_path):
+    """Same masks, same math; only the execution differs: the sparse one costs fewer FLOPs and less memory."""
+    sparse = run(_config("rounds=3"), output_dir=tmp_path / "sparse")
+    dense = run(_config("rounds=3", "fedspa.execution=dense_masked"), output_dir=tmp_path / "dense")
+    for a, b in zip(sparse.history, dense.history):
+        assert a["bytes_up"] == b["bytes_up"] and a["bytes_down"] == b["bytes_down"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["acc_pooled"] == pytest.approx(b["acc_pooled"], abs=2.5e-3)  # at most a borderline sample
+        assert a["flops"] < 0.5 * b["flops"]
+    assert sparse.summary["peak_client_memory"] < dense.summary["peak_client_memory"]
+    checkpoints = [torch.load(p / "checkpoint.pt", weights_only=True)["algorithm"] for p in
+                   (tmp_path / "sparse", tmp_path / "dense")]
+    for name, value in checkpoints[0]["global"].items():
+        torch.testing.assert_close(value, checkpoints[1]["global"][name], rtol=1e-3, atol=1e-4)
+    assert all(torch.equal(checkpoints[0]["masks"][k][n], checkpoints[1]["masks"][k][n])
+               for k in range(4) for n in checkpoints[0]["masks"][k])
+
+
+def test_fedspa_masks_keep_their_density_and_evolve(tmp_path):
+    config = _config("rounds=3")
+    run(config, output_dir=tmp_path)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["algorithm"]
+    from fedspa.algorithms import FedSpa
+    from fedspa.data import federated_data
+    from fedspa.models import build_model
+
+    clients, classes, shape, _ = federated_data(config.data, config.clients)
+    initial = FedSpa(config, clients, lambda: build_model(config.model, shape, classes), shape, classes)
+    for k in range(4):
+        for name, mask in state["masks"][k].items():
+            assert int(mask.sum()) == int(initial.masks[k][name].sum())  # nnz per layer unchanged
+        changed = sum(int((state["masks"][k][n] != initial.masks[k][n]).sum()) for n in initial.masks[k])
+        assert changed > 0
+    assert not torch.equal(state["masks"][0]["net.1"], state["masks"][1]["net.1"])  # personalized
+
+
+def test_communication_and_flops_scale_with_density(tmp_path):
+    fedspa = run(_config("rounds=2", "measure_memory=false"), output_dir=tmp_path / "fedspa").summary
+    fedavg = run(_config("rounds=2", "algorithm=fedavg", "measure_memory=false"), output_dir=tmp_path / "fedavg").summary
+    assert fedspa["bytes_up"] < 0.5 * fedavg["bytes_up"]
+    assert fedspa["bytes_down"] < 0.5 * fedavg["bytes_down"]
+    assert fedspa["training_flops"] < 0.5 * fedavg["training_flops"]
+    assert fedspa["peak_client_memory"] is None
+
+
+@pytest.mark.parametrize("algorithm", ["fedspa", "fedavg"])
+def test_resume_repeats_an_uninterrupted_run_exactly(tmp_path, algorithm):
+    config = _config("rounds=4", f"algorithm={algorithm}", "fedspa.regrowth=gradient", "eval_every=2")
+    full = run(config, output_dir=tmp_path / "full")
+    killed = run(config, output_dir=tmp_path / "resumed", stop_after=2)
+    assert len(killed.history) == 2
+    resumed = run(config, output_dir=tmp_path / "resumed", resume=True)
+    assert _semantic(resumed.history) == _semantic(full.history)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["algorithm"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["algorithm"]
+    assert all(torch.equal(a["global"][n], b["global"][n]) for n in a["global"])
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    config = _config("rounds=1", "measure_memory=false")
+    run(config, output_dir=tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    other = _config("rounds=1", "fedspa.density=0.5")
+    with pytest.raises(CheckpointError, match="different experiment.*fedspa.density: 0.3 in the checkpoint, 0.5 now"):
+        run(other, output_dir=tmp_path, resume=True)
+    assert load_checkpoint(path, _config("rounds=1", "progress=true", "measure_memory=false"))  # cosmetic fields
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a fedspa checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt", config)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        run(config, output_dir=tmp_path, resume=True)
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDSPA_DATA", raising=False)
+    from fedspa.data import DatasetNotFoundError
+
+    with pytest.raises(DatasetNotFoundError, match="cifar10: expected the python pickles"):
+        run(_config("data.dataset=cifar10", f"data.root={tmp_path}", "model.name=cnn"), output_dir=tmp_path / "out")
