@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Sets up everything (scripts/setup.sh) and runs the main job: for now the CPU kernel benchmark of sparse
-# scatter-add aggregation against index_add_, written to benchmarks/results/ and printed as a table.
+# Sets up everything (scripts/setup.sh) and runs the main job: the default FedSpa experiment on the CPU
+# (configs/default.yaml: Fashion-MNIST, 10 non-IID clients, a small CNN at density 0.1, 30 rounds), compared with
+# the same algorithm on dense weights x mask and with dense FedAvg. Prints the table (accuracy, bytes, FLOPs,
+# peak memory, time); everything else lands in runs/default_compare/.
+#
+#   extra arguments go to `fedspa compare`, e.g.  scripts/run.sh --seeds 0,1,2 rounds=50
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,11 +12,10 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
-mkdir -p runs
-stamp=$(date -u +%Y-%m-%d)
-python -m pytest benchmarks/test_cpu_scatter_add.py -q -p no:cacheprovider \
-  --benchmark-json=runs/cpu_scatter_add_raw.json --benchmark-columns=median,min,rounds
-versions=$(python -c 'import json, torch, fedspa_kernels as fk; i = fk.system_info(); print(json.dumps({"torch": i["torch"], "triton": i["triton"], "fedspa": i["fedspa"], "threads": i["cpu_threads"]}))')
-python benchmarks/report.py runs/cpu_scatter_add_raw.json --versions "$versions" \
-  --out "runs/cpu_scatter_add_${stamp}.json" --markdown "runs/cpu_scatter_add_${stamp}.md"
-echo "results: runs/cpu_scatter_add_${stamp}.json (copy to benchmarks/results/ to publish)"
+dataset_args=()
+if ! python -c 'from fedspa.data import load_idx; load_idx("fashion_mnist", None)' 2>/dev/null; then
+  echo "!! Fashion-MNIST not found (Debian package dataset-fashion-mnist, or FEDSPA_DATA): using scikit-learn's" \
+       "digits instead" >&2
+  dataset_args=(data.dataset=digits data.samples_per_client=150)
+fi
+fedspa compare --config configs/default.yaml --output runs/default_compare "$@" ${dataset_args[@]+"${dataset_args[@]}"}

@@ -8,6 +8,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The default experiment's dataset, Fashion-MNIST, comes from Debian (no download): install it when we can.
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; fi
+  if [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; then
+    echo "== installing dataset-fashion-mnist (apt)"
+    $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+      || echo "!! could not install dataset-fashion-mnist; the main job falls back to scikit-learn's digits" >&2
+  fi
+fi
+
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
