@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     compare = sub.add_parser("compare", help="several algorithms on the same partition and seeds, one table")
     _add_config_arguments(compare)
     compare.add_argument("--variants", default="fedspa,fedspa:dense_masked,fedavg",
-                         help="comma-separated algorithm[:execution] (default: %(default)s)")
+                         help="comma-separated algorithm[:execution], or all (default: %(default)s)")
     compare.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated training seeds (default: 0)")
     compare.add_argument("--target", type=float, default=None,
                          help="accuracy for 'MB to reach' (default: 0.95 x the lowest final accuracy)")
@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ExperimentConfig.load(args.config, args.overrides)
         if args.command == "compare":
-            from .compare import Variant
+            from .compare import Variant, expand_variants
 
-            variants = [Variant.parse(v).label for v in args.variants.split(",") if v.strip()]
+            variants = [Variant.parse(v).label for v in expand_variants(args.variants.split(",")) if v.strip()]
     except (ValueError, FileNotFoundError) as exc:
         print(f"fedspa {args.command}: {exc}", file=sys.stderr)
         return 2

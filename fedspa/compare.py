@@ -21,6 +21,18 @@ from .config import ALGORITHMS, EXECUTIONS, ExperimentConfig
 from .train import RunResult, run
 
 DEFAULT_VARIANTS = ("fedspa", "fedspa:dense_masked", "fedavg")
+ALL_VARIANTS = ("fedspa", "fedspa:dense_masked", "sub_fedavg", "fedavg", "fedavg_ft", "local", "ditto", "fedper",
+                "lg_fedavg")
+
+
+def expand_variants(specs: list[str] | tuple[str, ...]) -> list[str]:
+    """The variant strings, with ``all`` standing for every algorithm (and FedSpa's dense-masked mode)."""
+    out: list[str] = []
+    for spec in specs:
+        for v in (ALL_VARIANTS if spec.strip() == "all" else [spec]):
+            if v not in out:
+                out.append(v)
+    return out
 
 
 @dataclass
@@ -183,7 +195,7 @@ def compare(config: ExperimentConfig, variants: list[str] | tuple[str, ...] = DE
         target_accuracy: for "bytes to reach"; default 0.95 x the lowest final accuracy among the variants.
         resume: finish interrupted runs from their checkpoints instead of starting over.
     """
-    parsed = [Variant.parse(v) for v in variants]
+    parsed = [Variant.parse(v) for v in expand_variants(variants)]
     if not parsed or not seeds:
         raise ValueError("compare needs at least one variant and one seed")
     if len({v.label for v in parsed}) != len(parsed):

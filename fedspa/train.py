@@ -96,7 +96,7 @@ def summarize(history: list[dict], config: ExperimentConfig) -> dict:
     peaks = [h["peak_memory"] for h in history if h.get("peak_memory")]
     return {
         "algorithm": config.algorithm,
-        "execution": config.fedspa.execution if config.algorithm == "fedspa" else "dense",
+        "execution": config.fedspa.execution if config.algorithm in ("fedspa", "sub_fedavg") else "dense",
         "density": config.fedspa.density if config.algorithm in ("fedspa", "sub_fedavg") else 1.0,
         "rounds": len(history),
         "final_round": last.get("round"),

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from .base import Algorithm, ClientResult
-from .fedavg import FedAvg
+from .ditto import Ditto
+from .fedavg import FedAvg, SplitFedAvg
+from .fedavg_ft import FedAvgFT
+from .fedper import FedPer
 from .fedspa import FedSpa
+from .lg_fedavg import LGFedAvg
+from .local import Local
+from .sub_fedavg import SubFedAvg
 
-REGISTRY: dict[str, type[Algorithm]] = {"fedspa": FedSpa, "fedavg": FedAvg}
+REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedSpa, FedAvg, FedAvgFT, Local, Ditto, FedPer,
+                                                                   LGFedAvg, SubFedAvg)}
 
 
 def algorithm_class(name: str) -> type[Algorithm]:
@@ -15,4 +22,5 @@ def algorithm_class(name: str) -> type[Algorithm]:
     return REGISTRY[name]
 
 
-__all__ = ["REGISTRY", "Algorithm", "ClientResult", "FedAvg", "FedSpa", "algorithm_class"]
+__all__ = ["REGISTRY", "Algorithm", "ClientResult", "Ditto", "FedAvg", "FedAvgFT", "FedPer", "FedSpa", "LGFedAvg",
+           "Local", "SplitFedAvg", "SubFedAvg", "algorithm_class"]

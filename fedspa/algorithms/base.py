@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import comm
 from ..config import ExperimentConfig
 from ..data import ClientData
 from ..masks import client_generator
@@ -178,26 +177,3 @@ class Algorithm:
                 "acc_std": float(values.std()) if values.size else float("nan"),
                 "acc_per_client": per_client}
 
-
-def dense_payload(model: nn.Module) -> tuple[bytes, list[str]]:
-    """Every parameter of `model`, dense (what FedAvg sends each way)."""
-    names = [name for name, _ in model.named_parameters()]
-    return comm.encode([(p, None, False) for _, p in model.named_parameters()]), names
-
-
-def load_dense_payload(model: nn.Module, payload: bytes) -> None:
-    """Writes a dense payload's tensors into `model`'s parameters (in order)."""
-    entries = comm.decode(payload)
-    with torch.no_grad():
-        for (name, p), entry in zip(model.named_parameters(), entries):
-            if entry.numel != p.numel():
-                raise ValueError(f"payload tensor for {name} has {entry.numel} values, the model {p.numel()}")
-            p.copy_(entry.values.reshape(p.shape))
-
-
-def weighted_average_into(model: nn.Module, states: list[dict[str, torch.Tensor]], weights: list[float]) -> None:
-    """model's parameters = the weighted average of the given state dicts' parameters."""
-    total = float(sum(weights))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(sum(w * s[name] for w, s in zip(weights, states)) / total)

@@ -118,6 +118,38 @@ class FedSpa(Algorithm):
     def _flops_per_sample(self, model: nn.Module) -> int:
         return training_flops_per_sample(model, self.input_shape)
 
+    def update_masks(self, client: int, model: nn.Module, weights: dict[str, torch.Tensor],
+                     round_index: int) -> tuple[dict[str, torch.Tensor], int, float]:
+        """FedSpa's mask update after local training (prune smallest |w|, regrow as many, cosine-annealed count).
+        Updates `weights` in place (zero off the new mask); returns (new masks, extra downlink bytes, extra FLOPs)."""
+        cfg = self.config
+        masks = self.masks[client]
+        interval = cfg.fedspa.mask_update_interval
+        fraction = drop_fraction(round_index, cfg.rounds, cfg.fedspa.drop_fraction) if round_index % interval == 0 else 0.0
+        if fraction <= 0:
+            return masks, 0, 0.0
+        names = list(self.shapes)
+        extra_down, extra_flops = 0, 0.0
+        if cfg.fedspa.regrowth == "gradient":
+            scores = self._gradient_scores(client, model, weights, round_index)
+            extra_flops = 3.0 * forward_flops(self.model_fn(), torch.zeros(cfg.batch_size, *self.input_shape))
+        else:
+            generator = client_generator(cfg.seed, client, REGROW, round_index)
+            scores = {name: torch.rand(self.shapes[name], generator=generator) for name in names}
+        counts = drop_counts([int(masks[n].sum()) for n in names], [masks[n].numel() for n in names], fraction)
+        result = fk.prune_regrow([weights[n] for n in names], [masks[n] for n in names],
+                                 [scores[n] for n in names], counts, return_indices=True)
+        new_masks = dict(zip(names, result.masks))
+        for i, name in enumerate(names):
+            w = weights[name] * new_masks[name]  # regrown weights start at 0
+            if cfg.fedspa.regrown_init == "global":
+                flat = w.reshape(-1)
+                flat[result.regrown[i]] = self.global_model.get_submodule(name).weight.detach().reshape(-1)[
+                    result.regrown[i]]
+                extra_down += 4 * result.regrown[i].numel()  # the client fetches those values
+            weights[name] = w
+        return new_masks, extra_down, extra_flops
+
     # ---------------------------------------------------------------------------------------------- round
     def client_round(self, client: int, round_index: int) -> ClientResult:
         cfg = self.config
@@ -144,30 +176,8 @@ class FedSpa(Algorithm):
                                             after_step=after_step, purpose=SHUFFLE, measure=measure)
         flops = float(seen * self._flops_per_sample(model))
         weights = self._dense_weights(model)
-        new_masks, extra_down = masks, 0
-        interval = cfg.fedspa.mask_update_interval
-        fraction = drop_fraction(round_index, cfg.rounds, cfg.fedspa.drop_fraction) if round_index % interval == 0 else 0.0
-        if fraction > 0:
-            names = list(self.shapes)
-            if cfg.fedspa.regrowth == "gradient":
-                scores = self._gradient_scores(client, model, weights, round_index)
-                dense = self.model_fn()
-                flops += 3.0 * forward_flops(dense, torch.zeros(cfg.batch_size, *self.input_shape))
-            else:
-                generator = client_generator(cfg.seed, client, REGROW, round_index)
-                scores = {name: torch.rand(self.shapes[name], generator=generator) for name in names}
-            counts = drop_counts([int(masks[n].sum()) for n in names], [masks[n].numel() for n in names], fraction)
-            result = fk.prune_regrow([weights[n] for n in names], [masks[n] for n in names],
-                                     [scores[n] for n in names], counts, return_indices=True)
-            new_masks = dict(zip(names, result.masks))
-            for i, name in enumerate(names):
-                w = weights[name] * new_masks[name]  # regrown weights start at 0
-                if cfg.fedspa.regrown_init == "global":
-                    flat = w.reshape(-1)
-                    flat[result.regrown[i]] = self.global_model.get_submodule(name).weight.detach().reshape(-1)[
-                        result.regrown[i]]
-                    extra_down += 4 * result.regrown[i].numel()  # the client fetches those values
-                weights[name] = w
+        new_masks, extra_down, extra_flops = self.update_masks(client, model, weights, round_index)
+        flops += extra_flops
         # uplink: values at the new mask and its positions; dense tensors whole
         items = []
         trained = dict(model.named_parameters())

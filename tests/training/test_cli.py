@@ -73,3 +73,12 @@ def test_variant_parsing():
     assert Variant.parse(" fedavg ").label == "fedavg"
     with pytest.raises(ValueError, match="unknown execution 'fast'"):
         Variant.parse("fedspa:fast")
+
+
+def test_all_expands_to_every_algorithm():
+    from fedspa.algorithms import REGISTRY
+    from fedspa.compare import expand_variants
+
+    variants = expand_variants(["fedavg", "all"])
+    assert variants[0] == "fedavg" and len(variants) == len(set(variants)) == len(REGISTRY) + 1
+    assert {Variant.parse(v).algorithm for v in variants} == set(REGISTRY)
