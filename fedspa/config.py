@@ -15,8 +15,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
-DATASETS = ("fashion_mnist", "mnist", "emnist", "cifar10", "cifar100", "digits", "synthetic")
-PARTITIONS = ("dirichlet", "pathological", "iid")
+DATASETS = ("fashion_mnist", "mnist", "emnist", "femnist", "cifar10", "cifar100", "digits", "synthetic")
+PARTITIONS = ("dirichlet", "pathological", "iid", "natural")
 MODELS = ("mlp", "cnn", "resnet18")
 ALGORITHMS = ("fedspa", "fedavg", "fedavg_ft", "local", "ditto", "fedper", "lg_fedavg", "sub_fedavg")
 EXECUTIONS = ("sparse", "dense_masked")
@@ -114,6 +114,9 @@ class ExperimentConfig:
             raise ValueError(f"client_fraction must lie in (0, 1], got {self.client_fraction}")
         if not 0.0 < self.data.test_fraction < 1.0:
             raise ValueError(f"data.test_fraction must lie in (0, 1), got {self.data.test_fraction}")
+        if (self.data.partition == "natural") != (self.data.dataset == "femnist"):
+            raise ValueError("data.partition=natural (one client per writer) goes with data.dataset=femnist, and "
+                             f"femnist only with it; got {self.data.dataset} with {self.data.partition}")
         if self.data.alpha <= 0:
             raise ValueError(f"data.alpha must be > 0, got {self.data.alpha}")
         for name in ("clients", "rounds", "local_epochs", "batch_size", "eval_every", "checkpoint_every",

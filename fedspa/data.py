@@ -1,7 +1,8 @@
 """Datasets that can be had offline, non-IID partitions, and each client's own train/test split.
 
 Datasets (see shared/datasets.md): Fashion-MNIST (the Debian package dataset-fashion-mnist, IDX files), MNIST and
-EMNIST (IDX files the user places in a directory), CIFAR-10/100 (the official python pickles, from a directory),
+EMNIST (IDX files the user places in a directory), FEMNIST (LEAF's JSON files, one client per writer: the natural
+partition), CIFAR-10/100 (the official python pickles, from a directory),
 scikit-learn's digits, and the LEAF/FedProx Synthetic(alpha, beta) data. Nothing is downloaded.
 
 Partitions: Dirichlet(alpha) over labels, pathological (n classes per client), IID. Each client's samples are split
@@ -143,6 +144,49 @@ def load_cifar(dataset: str, root: str | None) -> Pool:
         f"{', '.join(str(p) for p in searched) or 'data.root / $FEDSPA_DATA'} (the official archive, extracted)")
 
 
+def load_femnist(root: str | None, clients: int) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """LEAF's FEMNIST (the JSON files of ``leaf/data/femnist/data/{train,test}/*.json``): the first `clients`
+    writers (sorted by id) with their own train and test samples — the natural partition.
+
+    Returns (writer, train_x, train_y, test_x, test_y) per client, images (n, 28, 28) in [0, 1].
+    """
+    import json
+
+    searched = []
+    for base in _roots("femnist", root):
+        for directory in (base / "data", base):
+            searched.append(directory)
+            train_files = sorted((directory / "train").glob("*.json"))
+            test_files = sorted((directory / "test").glob("*.json"))
+            if not train_files or not test_files:
+                continue
+            users: dict[str, dict[str, list]] = {}
+            for split, files in (("train", train_files), ("test", test_files)):
+                for path in files:
+                    try:
+                        blob = json.loads(path.read_text())
+                        for user, data in blob["user_data"].items():
+                            users.setdefault(user, {}).setdefault(split, []).append(data)
+                    except (ValueError, KeyError, TypeError) as exc:
+                        raise ValueError(f"{path} is not a LEAF FEMNIST file: {exc!r}") from None
+            complete = sorted(u for u, d in users.items() if "train" in d and "test" in d)
+            if len(complete) < clients:
+                raise ValueError(f"femnist: {directory} has {len(complete)} writers with train and test data, "
+                                 f"{clients} clients were asked for")
+            out = []
+            for user in complete[:clients]:
+                arrays = []
+                for split in ("train", "test"):
+                    x = np.concatenate([np.asarray(d["x"], dtype=np.float32) for d in users[user][split]])
+                    y = np.concatenate([np.asarray(d["y"], dtype=np.int64) for d in users[user][split]])
+                    arrays += [x.reshape(-1, 28, 28), y]
+                out.append((user, *arrays))
+            return out
+    raise DatasetNotFoundError(
+        f"femnist: expected LEAF's JSON files (train/*.json and test/*.json) in one of "
+        f"{', '.join(str(p) for p in searched) or 'data.root / $FEDSPA_DATA'}")
+
+
 def load_digits() -> Pool:
     from sklearn.datasets import load_digits as sk_digits
 
@@ -277,6 +321,12 @@ def federated_data(config: DataConfig, clients: int) -> tuple[list[ClientData], 
             out.append(ClientData(x[train], y[train], x[test], y[test]))
             record["clients"].append({"train": train.tolist(), "test": test.tolist()})
         return out, 10, tuple(parts[0][0].shape[1:]), record
+    if config.dataset == "femnist":
+        writers = load_femnist(config.root, clients)
+        out = [ClientData(*(torch.from_numpy(a).unsqueeze(1) if a.ndim == 3 else torch.from_numpy(a)
+                            for a in w[1:])) for w in writers]
+        record = {"dataset": "femnist", "partition": "natural", "clients": [{"writer": w[0]} for w in writers]}
+        return out, 62, (1, 28, 28), record
     pool = load_pool(config)
     labels = pool.y.numpy()
     assignments = partition(labels, clients, config, pool.num_classes)

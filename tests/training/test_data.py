@@ -102,3 +102,33 @@ def test_missing_files_give_a_clear_error(dataset, tmp_path, monkeypatch):
     monkeypatch.delenv("FEDSPA_DATA", raising=False)
     with pytest.raises(DatasetNotFoundError, match=f"{dataset}: expected the .* {tmp_path}"):
         federated_data(DataConfig(dataset=dataset, root=str(tmp_path)), 4)
+
+
+def test_femnist_leaf_json_gives_one_client_per_writer(tmp_path):
+    import json
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 2)):
+        (tmp_path / split).mkdir()
+        blob = {"users": ["w2", "w1", "w3"], "user_data": {
+            u: {"x": rng.random((n, 784)).tolist(), "y": rng.integers(0, 62, n).tolist()} for u in ("w2", "w1", "w3")}}
+        (tmp_path / split / "all_data_0.json").write_text(json.dumps(blob))
+    config = DataConfig(dataset="femnist", partition="natural", root=str(tmp_path))
+    clients, classes, shape, record = federated_data(config, 2)
+    assert (classes, shape) == (62, (1, 28, 28))
+    assert [c["writer"] for c in record["clients"]] == ["w1", "w2"]
+    assert clients[0].train_x.shape == (6, 1, 28, 28) and clients[0].test_y.shape == (2,)
+    with pytest.raises(ValueError, match="has 3 writers with train and test data, 5 clients were asked for"):
+        federated_data(config, 5)
+    (tmp_path / "test" / "all_data_0.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not a LEAF FEMNIST file"):
+        federated_data(config, 2)
+
+
+def test_femnist_needs_the_natural_partition():
+    from fedspa.config import ExperimentConfig
+
+    with pytest.raises(ValueError, match="data.partition=natural .* goes with data.dataset=femnist"):
+        ExperimentConfig.load(None, ["data.dataset=femnist"])
+    with pytest.raises(ValueError, match="data.partition=natural"):
+        ExperimentConfig.load(None, ["data.partition=natural"])
