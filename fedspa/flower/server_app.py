@@ -1,0 +1,55 @@
+"""FedSpa's Flower ServerApp: runs ``FedSpaStrategy`` for ``config.rounds`` rounds and writes the same
+``metrics.jsonl`` / ``summary.json`` as ``fedspa.train`` into ``output-dir``.
+
+Run config (``--run-config``): ``config`` (a YAML/JSON file; empty: the defaults), ``overrides`` (space-separated
+``key=value``), ``output-dir``, ``round-timeout`` (seconds to wait for replies).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from ..config import ExperimentConfig
+from ..data import federated_data
+from ..train import summarize
+from .strategy import FedSpaStrategy
+
+app = ServerApp()
+
+
+def load_run_config(context: Context) -> tuple[ExperimentConfig, Path, float]:
+    run_config = context.run_config
+    path = str(run_config.get("config", "") or "") or None
+    overrides = shlex.split(str(run_config.get("overrides", "") or ""))
+    config = ExperimentConfig.load(path, overrides)
+    out = Path(str(run_config.get("output-dir", "") or "runs/flower"))
+    return config, out, float(run_config.get("round-timeout", 600.0))
+
+
+def run_strategy(grid: Grid, config: ExperimentConfig, out: Path, round_timeout: float) -> FedSpaStrategy:
+    """Runs the federation and writes its log; returns the strategy (its ``history``)."""
+    # the server needs the model's input shape and classes: from the (deterministic) data of client 0
+    clients, classes, shape, _ = federated_data(config.data, config.clients)
+    del clients
+    strategy = FedSpaStrategy(config, shape, classes, round_timeout=round_timeout)
+    strategy.start(grid, ArrayRecord(), num_rounds=config.rounds, timeout=round_timeout)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(out / "config.yaml")
+    with (out / "metrics.jsonl").open("w") as f:
+        for row in strategy.history:
+            f.write(json.dumps(row) + "\n")
+    summary = summarize(strategy.history, config)
+    summary["dropped"] = {row["round"]: row["dropped"] for row in strategy.history if row["dropped"]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return strategy
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config, out, timeout = load_run_config(context)
+    run_strategy(grid, config, out, timeout)

@@ -1,0 +1,110 @@
+"""FedSpa's Flower strategy and client app, driven in one process: the same run as fedspa.train, sparse payloads
+only, and faulty clients dropped without corrupting anything."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from fedspa import comm  # noqa: E402
+from fedspa.config import ExperimentConfig  # noqa: E402
+from fedspa.flower.server_app import run_strategy  # noqa: E402
+from fedspa.train import run  # noqa: E402
+from tests.flower.helpers import LocalGrid  # noqa: E402
+
+TINY = ["data.dataset=digits", "data.samples_per_client=250", "data.alpha=0.5", "clients=4", "client_fraction=0.5",
+        "model.name=mlp", "model.width=8", "fedspa.density=0.3", "rounds=3", "local_epochs=2", "batch_size=25",
+        "progress=false", "measure_memory=false"]
+KEYS = ("round", "sampled", "bytes_up", "bytes_down", "flops", "train_loss", "acc_pooled", "acc_mean",
+        "acc_per_client")
+
+
+def _config(*extra):
+    return ExperimentConfig.load(None, TINY + list(extra))
+
+
+def test_flower_run_equals_the_single_process_run(tmp_path):
+    config = _config("fedspa.regrowth=gradient")
+    strategy = run_strategy(LocalGrid(4), config, tmp_path / "flower", 60)
+    reference = run(config, output_dir=tmp_path / "ref")
+    assert [{k: h[k] for k in KEYS} for h in strategy.history] == [{k: h[k] for k in KEYS} for h in reference.history]
+    assert all(not h["dropped"] for h in strategy.history)
+    ref_state = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)["algorithm"]
+    for name, value in strategy.algorithm.global_model.state_dict().items():
+        assert torch.equal(value, ref_state["global"][name])
+    assert (tmp_path / "flower" / "metrics.jsonl").is_file() and (tmp_path / "flower" / "summary.json").is_file()
+
+
+def test_downlinks_are_sparse_payloads(tmp_path):
+    config = _config("rounds=1")
+    from fedspa.flower.strategy import FedSpaStrategy
+
+    strategy = FedSpaStrategy(config, (1, 8, 8), 10)
+    strategy.nodes = {k: 100 + k for k in range(4)}
+    message, size = strategy._message(0, 0, "train")
+    payload = message.content.array_records["arrays"]["payload"].numpy().tobytes()
+    assert len(payload) == size
+    entries = comm.decode(payload)
+    sparse = [e for e in entries if e.kind in (comm.BITMAP, comm.INDICES)]
+    assert len(sparse) == len(strategy.algorithm.shapes)
+    dense_bytes = 4 * sum(p.numel() for p in strategy.algorithm.global_model.parameters())
+    assert size < 0.5 * dense_bytes
+
+
+@pytest.mark.parametrize("fault,reason", [("nan", "non-finite value"), ("bad-index", "strictly increasing"),
+                                          ("truncate", "truncated payload")])
+def test_a_malformed_upload_is_dropped_and_the_round_completes(tmp_path, fault, reason):
+    config = _config()
+    grid = LocalGrid(4, node_config={k: {"fault": fault, "fault-round": 1} for k in range(4)})
+    # round 1 samples clients 2 and 3 (see the equivalence test): both send garbage in round 1
+    strategy = run_strategy(grid, config, tmp_path, 60)
+    first = strategy.history[0]
+    assert set(first["dropped"]) == {str(k) for k in first["sampled"]}
+    assert all(reason in why for why in first["dropped"].values())
+    assert first["aggregated"] == [] and first["bytes_up"] == 0
+    for h in strategy.history[1:]:  # later rounds run normally, nothing was corrupted
+        assert not h["dropped"] and math.isfinite(h["train_loss"])
+    for p in strategy.algorithm.global_model.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_silent_and_failing_clients_are_dropped(tmp_path):
+    config = _config()
+    strategy = run_strategy(LocalGrid(4, silent={2}, failing={3}), config, tmp_path, 60)
+    first = strategy.history[0]
+    assert first["dropped"] == {"2": "no reply within 60 s", "3": "error reply: ClientApp raised"}
+    second = strategy.history[1]  # clients 1 and 3 sampled: 1 aggregates, 3 fails again
+    assert second["aggregated"] == [1] and list(second["dropped"]) == ["3"]
+    assert all(math.isfinite(h["acc_pooled"]) for h in strategy.history)
+
+
+def test_after_a_drop_the_server_resends_the_mask(tmp_path):
+    """A dropped client has moved its mask locally, the server never accepted it: the next downlink carries the
+    server's positions again, and the client adopts them before any values are used."""
+    from fedspa.flower.client_app import app
+
+    from flwr.app import ArrayRecord
+
+    from fedspa.flower.strategy import FedSpaStrategy
+
+    config = _config("rounds=3", "eval_every=3", "client_fraction=1.0")
+    grid = LocalGrid(4, node_config={0: {"fault": "nan", "fault-round": 2}})
+    strategy = FedSpaStrategy(config, (1, 8, 8), 10, round_timeout=60)
+    strategy.start(grid, ArrayRecord(), num_rounds=2, timeout=60)  # stop before round 3: no evaluation yet
+    assert list(strategy.history[1]["dropped"]) == ["0"]
+    assert strategy.algorithm.server_knows_mask[0] is False
+
+    def stored():
+        record = grid.contexts[100].state.array_records["fedspa-masks"]
+        return {m: torch.from_numpy(record[m].numpy()) for m in strategy.algorithm.shapes}
+
+    assert any(not torch.equal(stored()[m], strategy.algorithm.masks[0][m]) for m in strategy.algorithm.shapes)
+    message, _ = strategy._message(0, 2, "evaluate")
+    assert any(e.kind in (comm.BITMAP, comm.INDICES) for e in
+               comm.decode(message.content.array_records["arrays"]["payload"].numpy().tobytes()))
+    grid.send_and_receive([message])
+    assert all(torch.equal(stored()[m], strategy.algorithm.masks[0][m]) for m in strategy.algorithm.shapes)
