@@ -34,6 +34,9 @@ class _SparseWeight(nn.Module):
     def _set_pattern(self, pattern: fk.SparseMatrix) -> None:
         for name in _PATTERN_BUFFERS:
             self.register_buffer(name, getattr(pattern, name))
+        # a pattern built from a mask is correct by construction: no full validation on the first forward
+        self._validated_versions = ((self._buffer_ids(), pattern._validated_versions)
+                                    if pattern._validated_versions is not None else None)
 
     def matrix(self) -> fk.SparseMatrix:
         """The weight as a SparseMatrix over this module's tensors (validated once per pattern change)."""
@@ -82,7 +85,6 @@ class _SparseWeight(nn.Module):
         else:
             self.values = nn.Parameter(pattern.values)
         self._set_pattern(pattern)
-        self._validated_versions = None
 
 
 class SparseLinear(nn.Module):
