@@ -59,6 +59,7 @@ class FedSpaConfig:
     aggregation: str = "holders"
     weighted_aggregation: bool = False  # weight clients by their data size
     execution: str = "sparse"  # dense_masked: dense weights x mask, the comparison most FL code runs
+    sparse_max_density: float = 0.5  # sparse execution: denser layers run as dense weights x mask (break-even)
     prune_rate: float = 0.05  # sub_fedavg: fraction of the remaining weights pruned per round until the target
 
 
@@ -108,6 +109,8 @@ class ExperimentConfig:
             raise ValueError(f"fedspa.density must lie in (0, 1], got {self.fedspa.density}")
         if not 0.0 <= self.fedspa.drop_fraction <= 1.0:
             raise ValueError(f"fedspa.drop_fraction must lie in [0, 1], got {self.fedspa.drop_fraction}")
+        if not 0.0 <= self.fedspa.sparse_max_density <= 1.0:
+            raise ValueError(f"fedspa.sparse_max_density must lie in [0, 1], got {self.fedspa.sparse_max_density}")
         if not 0.0 <= self.fedspa.prune_rate < 1.0:
             raise ValueError(f"fedspa.prune_rate must lie in [0, 1), got {self.fedspa.prune_rate}")
         if not 0.0 < self.client_fraction <= 1.0:

@@ -78,11 +78,18 @@ class FedSpa(Algorithm):
                 else:
                     flat[entry.positions] = entry.values
                     param.copy_(flat.reshape(param.shape))
-        if self.config.fedspa.execution == "sparse":
-            # a layer whose mask is all ones (ERK makes small layers dense) stays an ordinary dense layer
-            partial = {name: m for name, m in self.masks[client].items() if not bool(m.all())}
-            return sparsify(model, partial, inplace=True)
-        return model
+        sparse = {name: self.masks[client][name] for name in self._sparse_layers(client)}
+        return sparsify(model, sparse, inplace=True) if sparse else model
+
+    def _sparse_layers(self, client: int) -> list[str]:
+        """The layers client `client` runs on sparse kernels: all of them in sparse execution, except layers whose
+        mask is denser than ``fedspa.sparse_max_density`` (where the sparse format costs more than it saves; an
+        all-ones mask, e.g. a layer ERK keeps dense, runs as an ordinary layer); none in dense-masked execution."""
+        cfg = self.config.fedspa
+        if cfg.execution == "dense_masked":
+            return []
+        return [name for name, m in self.masks[client].items()
+                if float(m.float().mean()) <= cfg.sparse_max_density and not bool(m.all())]
 
     def _dense_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Module name -> the current dense-shaped weight (zeros off the mask)."""
@@ -158,8 +165,10 @@ class FedSpa(Algorithm):
         model = self._client_model(client, entries)
         masks = self.masks[client]
         after_backward = after_step = None
-        if cfg.fedspa.execution == "dense_masked":
-            layers = {name: model.get_submodule(name) for name in self.shapes}
+        sparse_layers = set(self._sparse_layers(client))
+        masked = [name for name in self.shapes if name not in sparse_layers and not bool(masks[name].all())]
+        if masked:  # dense weights x mask: gradients and weights outside the mask are zeroed every step
+            layers = {name: model.get_submodule(name) for name in masked}
 
             def after_backward():
                 for name, layer in layers.items():

@@ -55,3 +55,23 @@ def test_resume_is_exact(tmp_path, algorithm):
     drop = {"train_seconds", "eval_seconds", "peak_memory"}
     assert [{k: v for k, v in h.items() if k not in drop} for h in resumed.history] == \
         [{k: v for k, v in h.items() if k not in drop} for h in full.history]
+
+
+def test_layers_denser_than_the_break_even_run_dense_masked(tmp_path):
+    """Sub-FedAvg starts dense: its layers run as dense weights x mask until pruned below sparse_max_density,
+    and the result does not depend on that choice (only the cost does)."""
+    from fedspa.algorithms import SubFedAvg
+    from fedspa.data import federated_data
+    from fedspa.models import build_model
+
+    config = ExperimentConfig.load(None, TINY + ["algorithm=sub_fedavg"])
+    clients, classes, shape, _ = federated_data(config.data, config.clients)
+    algorithm = SubFedAvg(config, clients, lambda: build_model(config.model, shape, classes), shape, classes)
+    assert algorithm._sparse_layers(0) == []  # all ones
+    for name, mask in algorithm.masks[0].items():
+        algorithm.masks[0][name] = torch.rand(mask.shape) < (0.8 if name == "net.1" else 0.2)
+    assert algorithm._sparse_layers(0) == ["net.3", "net.5"]
+    a = _run(tmp_path / "a", "sub_fedavg", "rounds=3", "fedspa.sparse_max_density=1.0").history
+    b = _run(tmp_path / "b", "sub_fedavg", "rounds=3", "fedspa.sparse_max_density=0.0").history
+    assert [h["train_loss"] for h in a] == pytest.approx([h["train_loss"] for h in b], rel=1e-4)
+    assert [h["bytes_up"] for h in a] == [h["bytes_up"] for h in b]
