@@ -72,6 +72,8 @@ def load_checkpoint(path: Path, config: ExperimentConfig) -> dict:
         raise CheckpointError(f"checkpoint {path} has version {state.get('version')}, this fedspa reads "
                               f"{CHECKPOINT_VERSION}")
     saved, current = _flatten(state["config"]), _flatten(config.to_dict())
+    defaults = _flatten(ExperimentConfig().to_dict())
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}  # fields added since: defaults
     differing = sorted(k for k in set(saved) | set(current)
                        if k.split(".")[0] not in _NON_SEMANTIC and saved.get(k) != current.get(k))
     if differing:

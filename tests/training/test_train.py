@@ -122,3 +122,15 @@ def test_missing_dataset_is_a_clear_error(tmp_path, monkeypatch):
 
     with pytest.raises(DatasetNotFoundError, match="cifar10: expected the python pickles"):
         run(_config("data.dataset=cifar10", f"data.root={tmp_path}", "model.name=cnn"), output_dir=tmp_path / "out")
+
+
+def test_a_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
+    config = _config("rounds=2", "measure_memory=false")
+    run(config, output_dir=tmp_path, stop_after=1)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["fedspa"]["sparse_max_density"]  # as written before the field existed
+    torch.save(state, path)
+    assert load_checkpoint(path, config)["round"] == 1
+    with pytest.raises(CheckpointError, match="fedspa.sparse_max_density: 0.5 in the checkpoint, 0.2 now"):
+        load_checkpoint(path, _config("rounds=2", "measure_memory=false", "fedspa.sparse_max_density=0.2"))
