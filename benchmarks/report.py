@@ -30,6 +30,25 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _environment_versions() -> dict:
+    """torch / triton / fedspa versions and torch's thread count of the environment running this script."""
+    from importlib import metadata
+
+    versions = {}
+    for package in ("torch", "triton", "fedspa"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        import torch
+
+        versions["threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return versions
+
+
 def summarize(raw: dict) -> dict:
     """Groups, medians, GB/s and ratios from pytest-benchmark's JSON."""
     rows = []
@@ -69,7 +88,7 @@ def summarize(raw: dict) -> dict:
                 r["fraction_of_measured_bandwidth"] = r["gb_per_s"] / peak
     machine = raw.get("machine_info", {})
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": raw.get("datetime") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
             "cpu": _cpu_model(),
             "logical_cpus": machine.get("cpu", {}).get("count"),
@@ -117,10 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("benchmark_json", type=Path)
     parser.add_argument("--out", type=Path, help="write the summary JSON here")
     parser.add_argument("--markdown", type=Path, help="write the markdown table here")
-    parser.add_argument("--versions", default="{}", help="JSON object of library versions to record")
+    parser.add_argument("--versions", help="JSON object of library versions to record (default: this environment's "
+                        "torch, triton, fedspa and thread count)")
     args = parser.parse_args(argv)
     raw = json.loads(args.benchmark_json.read_text())
-    raw["versions"] = json.loads(args.versions)
+    raw["versions"] = json.loads(args.versions) if args.versions is not None else _environment_versions()
     summary = summarize(raw)
     table = markdown(summary)
     if args.out:

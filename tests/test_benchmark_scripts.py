@@ -99,3 +99,21 @@ def test_cpu_prune_regrow_benchmark(tmp_path):
     ours = [r for r in summary["rows"] if r["implementation"] == "fedspa cpp"]
     assert len(ours) == 1 and ours[0]["speedup_vs_baseline"] > 0 and ours[0]["speedup_vs_peer"] > 0
     assert summary["measured_bandwidth_gb_per_s"] > 0
+
+
+@pytest.mark.skipif(not fk.available_backends()["cpp"], reason="the cpp backend is not built")
+def test_cpu_sparse_conv_benchmark_and_report(tmp_path):
+    raw = tmp_path / "raw.json"
+    _run(["-m", "pytest", "benchmarks/test_cpu_sparse_conv.py", "-q", "-p", "no:cacheprovider", "-k", "cnn",
+          f"--benchmark-json={raw}", "--benchmark-max-time=0.05", "--benchmark-min-rounds=2"],
+         {"FEDSPA_BENCH_DENSITIES": "0.1", "FEDSPA_BENCH_BATCH": "2"})
+    out, table = tmp_path / "summary.json", tmp_path / "table.md"
+    _run(["benchmarks/report.py", str(raw), "--out", str(out), "--markdown", str(table)], {})
+    summary = json.loads(out.read_text())
+    assert summary["versions"]["torch"] and summary["versions"]["threads"] >= 1  # recorded without --versions
+    rows = {(r["group"], r["implementation"]): r for r in summary["rows"]}
+    forward = rows[("forward cnn conv2 32-64 14x14 k5 d=0.1", "fedspa cpp")]
+    assert forward["speedup_vs_baseline"] > 0 and forward["speedup_vs_peer"] > 0 and forward["gflop_per_s"] > 0
+    sparse = rows[("train step cnn conv2 32-64 14x14 k5 d=0.1", "fedspa cpp")]["memory_bytes"]["total"]
+    dense = rows[("train step cnn conv2 32-64 14x14 k5 d=0.1", "masked dense")]["memory_bytes"]["total"]
+    assert 0 < sparse < dense
