@@ -1,4 +1,4 @@
-"""The ``fedspa`` command: ``info``, ``train`` and ``compare``."""
+"""The ``fedspa`` command: ``info``, ``train``, ``compare`` and ``flower simulate|deploy``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,15 @@ def main(argv: list[str] | None = None) -> int:
                          help="accuracy for 'MB to reach' (default: 0.95 x the lowest final accuracy)")
     compare.add_argument("--restart", action="store_true", help="start every run over instead of resuming")
 
+    flower = sub.add_parser("flower", help="FedSpa on Flower: simulation engine or real processes on loopback")
+    modes = flower.add_subparsers(dest="mode", required=True)
+    for mode, text in (("simulate", "Flower's simulation engine (Ray), one virtual SuperNode per client"),
+                       ("deploy", "a SuperLink, one SuperNode process per client and `flwr run`, on loopback")):
+        parser_mode = modes.add_parser(mode, help=text)
+        _add_config_arguments(parser_mode)
+        parser_mode.add_argument("--round-timeout", type=float, default=120.0,
+                                 help="seconds the server waits for a round's replies")
+
     args = parser.parse_args(argv)
     if args.command == "info":
         import fedspa_kernels as fk
@@ -81,6 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     from .train import CheckpointError
 
     try:
+        if args.command == "flower":
+            from .flower import launch
+
+            out = args.output or f"{config.output_dir}/flower_{args.mode}"
+            if args.mode == "simulate":
+                summary = launch.simulate(config, out, args.round_timeout)
+            else:
+                summary = launch.deploy(args.config, args.overrides, out, round_timeout=args.round_timeout)
+            summary["output_dir"] = str(out)
+            print("\n".join(_summary_lines(summary)))
+            if summary.get("dropped"):
+                print(f"dropped clients (round: client: reason): {json.dumps(summary['dropped'])}")
+            return 0
         if args.command == "train":
             from .train import run
 
