@@ -157,7 +157,6 @@ def deploy(config_path: str | None, overrides: list[str], output_dir: str | Path
                     raise RuntimeError(f"`flwr run` ended (code {runner.returncode}) without a summary; logs in "
                                        f"{logs}:\n{(logs / 'flwr-run.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        time.sleep(0.5)
     return _summary(out)
 
 

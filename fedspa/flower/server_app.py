@@ -45,7 +45,9 @@ def run_strategy(grid: Grid, config: ExperimentConfig, out: Path, round_timeout:
             f.write(json.dumps(row) + "\n")
     summary = summarize(strategy.history, config)
     summary["dropped"] = {row["round"]: row["dropped"] for row in strategy.history if row["dropped"]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    partial = out / "summary.json.partial"  # renamed when complete: the launcher polls for summary.json
+    partial.write_text(json.dumps(summary, indent=2))
+    partial.replace(out / "summary.json")
     return strategy
 
 
