@@ -13,8 +13,17 @@ inline bool cpu_has_avx2_fma() {
   }();
   return has;
 }
+// AVX-512F: 16-wide fp32 with 32 vector registers (used where a kernel needs more than AVX2's 16 registers).
+inline bool cpu_has_avx512f() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+  }();
+  return has;
+}
 #else
 inline bool cpu_has_avx2_fma() { return false; }
+inline bool cpu_has_avx512f() { return false; }
 #endif
 
 }  // namespace fedspa
