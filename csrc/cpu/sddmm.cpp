@@ -182,9 +182,9 @@ void sddmm_row_blocks_avx512(const float* a, const float* bt, const int64_t* cro
       const int64_t r0 = block * kBlockRows;
       const int64_t r1 = std::min(rows, r0 + kBlockRows);
       sorted.build(crow, col, r0, r1, cols);
+      const float* a_block = a + r0 * K;
       for (int64_t j0 = 0; j0 < K; j0 += kBlockSlice) {
         const int64_t w = std::min(kBlockSlice, K - j0);
-        const float* a_block = a + r0 * K;
         const bool first = j0 == 0;
         switch ((w + 15) / 16) {
           case 1: sddmm_block_slice_avx512<1>(a_block, bt, sorted, cols, K, j0, w, first, acc); break;
