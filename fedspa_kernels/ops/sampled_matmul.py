@@ -14,6 +14,7 @@ where G is the sparse matrix holding g at the pattern.
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from .._backends import BACKENDS, resolve_backend
 from .._library import LIB, define
@@ -80,6 +81,12 @@ def _backward(ctx, grad):
 LIB.impl(SAMPLED_MATMUL, _sampled_matmul, "CompositeExplicitAutograd")
 torch.library.register_fake(f"fedspa::{SAMPLED_MATMUL}", _fake, lib=LIB)
 torch.library.register_autograd(f"fedspa::{SAMPLED_MATMUL}", _backward, setup_context=_setup_context, lib=LIB)
+
+
+@register_flop_formula(torch.ops.fedspa.sampled_matmul)
+def _flops(a_shape, *args, out_shape=None, **kwargs) -> int:
+    """2 x nnz x the shared dimension: one dot product per sampled nonzero (torch.utils.flop_counter)."""
+    return 2 * out_shape[0] * a_shape[1]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from .._backends import BACKENDS, resolve_backend
 from .._library import LIB, define
@@ -286,6 +287,23 @@ def _backward(ctx, grad):
 LIB.impl("sparse_conv2d", _sparse_conv2d, "CompositeExplicitAutograd")
 torch.library.register_fake("fedspa::sparse_conv2d", _sparse_conv2d_fake, lib=LIB)
 torch.library.register_autograd("fedspa::sparse_conv2d", _backward, setup_context=_setup_context, lib=LIB)
+
+
+def _conv_flops(nnz: int, grad_out_shape) -> int:
+    """2 x nnz x output positions x batch: one multiply-add per nonzero weight per output pixel."""
+    return 2 * nnz * grad_out_shape[1] * grad_out_shape[2] * grad_out_shape[3]
+
+
+# torch.utils.flop_counter formulas: the differentiable op (forward) and the gradient kernels its backward calls
+register_flop_formula(torch.ops.fedspa.sparse_conv2d)(
+    lambda values, *args, out_shape=None, **kwargs: _conv_flops(values[0], out_shape))
+for _op in (torch.ops.fedspa.spconv2d, torch.ops.fedspa.spconv2d_triton):
+    register_flop_formula(_op)(lambda values, *args, out_shape=None, **kwargs: _conv_flops(values[0], out_shape))
+for _op in (torch.ops.fedspa.spconv2d_input_grad, torch.ops.fedspa.spconv2d_input_grad_triton):
+    register_flop_formula(_op)(lambda values, t_crow, t_col, t_perm, grad_out, *args, out_shape=None, **kwargs:
+                               _conv_flops(values[0], grad_out))
+for _op in (torch.ops.fedspa.spconv2d_weight_grad, torch.ops.fedspa.spconv2d_weight_grad_triton):
+    register_flop_formula(_op)(lambda grad_out, *args, out_shape=None, **kwargs: _conv_flops(out_shape[0], grad_out))
 
 
 def _pair(value, name: str) -> list[int]:

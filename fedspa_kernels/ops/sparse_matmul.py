@@ -15,6 +15,7 @@ so no dense matrix or dense weight gradient is ever formed, and the backward is 
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from .._backends import BACKENDS, resolve_backend
 from .._library import LIB, define
@@ -84,6 +85,12 @@ def _backward(ctx, grad):
 LIB.impl(SPARSE_MATMUL, _sparse_matmul, "CompositeExplicitAutograd")
 torch.library.register_fake(f"fedspa::{SPARSE_MATMUL}", _fake, lib=LIB)
 torch.library.register_autograd(f"fedspa::{SPARSE_MATMUL}", _backward, setup_context=_setup_context, lib=LIB)
+
+
+@register_flop_formula(torch.ops.fedspa.sparse_matmul)
+def _flops(values_shape, *args, out_shape=None, **kwargs) -> int:
+    """2 x nnz x dense columns: one multiply-add per stored nonzero per column (torch.utils.flop_counter)."""
+    return 2 * values_shape[0] * out_shape[1]
 
 
 # --------------------------------------------------------------------------------------------------------------
