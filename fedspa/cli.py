@@ -17,6 +17,8 @@ def _int_list(text: str) -> list[int]:
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML or JSON experiment file (default: the built-in defaults)")
     parser.add_argument("--output", help="output folder (default: <output_dir>/<UTC time>_<name>)")
+    parser.add_argument("--device", help="auto (CUDA when available, the default), cpu, cuda or cuda:N; the same as "
+                                         "the override device=...")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. rounds=50 fedspa.density=0.2 data.dataset=digits")
 
@@ -77,8 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import ExperimentConfig
 
+    if getattr(args, "device", None):
+        args.overrides = [*args.overrides, f"device={args.device}"]
     try:
         config = ExperimentConfig.load(args.config, args.overrides)
+        from .device import resolve_device
+
+        resolve_device(config.device)  # a device that is not there is a usage error, before any work
         if args.command == "compare":
             from .compare import Variant, expand_variants
 

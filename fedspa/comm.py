@@ -5,7 +5,7 @@ A payload is a sequence of tensors, each one of:
   BITMAP    a bitmap of the positions (ceil(n / 8) bytes) + the values there
   INDICES   int32 positions (4 bytes each) + the values there
   VALUES    the values at positions both sides already know (a client's mask, which it uploaded)
-For a sparse tensor the encoder picks whichever of BITMAP and INDICES is smaller (shared/design.md). The server
+For a sparse tensor the encoder picks whichever of BITMAP and INDICES is smaller. The server
 aggregates what it decodes, so the counted bytes are the bytes that carried the model.
 """
 

@@ -1,7 +1,7 @@
 """Several algorithms on the same partition and seeds: one table (markdown + CSV + JSON) and plots.
 
 A variant is ``algorithm`` or ``algorithm:execution`` (``fedspa:dense_masked``: FedSpa's masks and updates on dense
-weights times the mask). Every run lands in ``<output>/<variant>_seed<k>/`` (a full ``fedspa.train`` folder); a
+weights times the mask; any registered algorithm with execution modes has them). Every run lands in ``<output>/<variant>_seed<k>/`` (a full ``fedspa.train`` folder); a
 comparison that was interrupted resumes its unfinished runs from their checkpoints.
 """
 
@@ -17,19 +17,26 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ALGORITHMS, EXECUTIONS, ExperimentConfig
+from .algorithms import registry
+from .config import ExperimentConfig
 from .train import RunResult, run
 
 DEFAULT_VARIANTS = ("fedspa", "fedspa:dense_masked", "fedavg")
-ALL_VARIANTS = ("fedspa", "fedspa:dense_masked", "sub_fedavg", "fedavg", "fedavg_ft", "local", "ditto", "fedper",
-                "lg_fedavg")
+
+
+def all_variants() -> list[str]:
+    """Every registered algorithm, each followed by its non-default execution modes (``fedspa:dense_masked``)."""
+    out = []
+    for name, spec in registry.registered().items():
+        out += [name] + [f"{name}:{e}" for e in spec.executions[1:]]
+    return out
 
 
 def expand_variants(specs: list[str] | tuple[str, ...]) -> list[str]:
-    """The variant strings, with ``all`` standing for every algorithm (and FedSpa's dense-masked mode)."""
+    """The variant strings, with ``all`` standing for every algorithm and its execution modes."""
     out: list[str] = []
     for spec in specs:
-        for v in (ALL_VARIANTS if spec.strip() == "all" else [spec]):
+        for v in (all_variants() if spec.strip() == "all" else [spec]):
             if v not in out:
                 out.append(v)
     return out
@@ -49,19 +56,22 @@ class Variant:
     @classmethod
     def parse(cls, spec: str) -> Variant:
         algorithm, _, execution = spec.strip().partition(":")
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {algorithm!r} in variant {spec!r}; choose from {', '.join(ALGORITHMS)}")
-        execution = execution or "sparse"
-        if execution not in EXECUTIONS:
-            raise ValueError(f"unknown execution {execution!r} in variant {spec!r}; choose from {', '.join(EXECUTIONS)}")
-        if execution != "sparse" and algorithm != "fedspa":
-            raise ValueError(f"variant {spec!r}: only fedspa has an execution mode")
+        if algorithm not in registry.names():
+            raise ValueError(f"unknown algorithm {algorithm!r} in variant {spec!r}; choose from "
+                             f"{', '.join(registry.names())}")
+        executions = registry.get(algorithm).executions
+        if execution and not executions:
+            raise ValueError(f"variant {spec!r}: {algorithm} has no execution mode")
+        execution = execution or (executions[0] if executions else "sparse")
+        if executions and execution not in executions:
+            raise ValueError(f"unknown execution {execution!r} in variant {spec!r}; choose from {', '.join(executions)}")
         return cls(algorithm, execution)
 
     def configure(self, base: ExperimentConfig, seed: int) -> ExperimentConfig:
         config = copy.deepcopy(base)
         config.algorithm = self.algorithm
-        config.fedspa.execution = self.execution
+        if registry.get(self.algorithm).executions:
+            config.fedspa.execution = self.execution
         config.seed = seed
         config.name = f"{self.label.replace(':', '_')}_seed{seed}"
         return config.validate()

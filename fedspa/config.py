@@ -3,27 +3,66 @@
 Every field has the default of the experiment `scripts/run.sh` runs (a small offline FedSpa experiment); the
 paper's setting is in ``configs/paper_cifar10.yaml``. ``ExperimentConfig.validate()`` raises ValueError naming
 the field and the allowed values.
+
+The fields shared by every algorithm live on :class:`ExperimentConfig`; each algorithm's own hyper-parameters live
+in its *section* (``fedspa:``, ``ditto:``, ``fedprox:``, ...), a dataclass registered with the algorithm
+(``fedspa.algorithms.register(name, ..., config=SectionClass)``). A section field whose name ends in ``_`` (a
+Python keyword such as ``lambda_``) is spelled without it in files and overrides (``ditto.lambda=0.5``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
-DATASETS = ("fashion_mnist", "mnist", "emnist", "femnist", "cifar10", "cifar100", "digits", "synthetic")
+DATASETS = ("fashion_mnist", "mnist", "emnist", "femnist", "cifar10", "cifar100", "digits", "synthetic", "custom")
 PARTITIONS = ("dirichlet", "pathological", "iid", "natural")
-MODELS = ("mlp", "cnn", "resnet18")
-ALGORITHMS = ("fedspa", "fedavg", "fedavg_ft", "local", "ditto", "fedper", "lg_fedavg", "sub_fedavg")
-EXECUTIONS = ("sparse", "dense_masked")
-MASK_INITS = ("erk", "uniform")
-REGROWTHS = ("random", "gradient")
-AGGREGATIONS = ("holders", "mean")
-REGROWN_INITS = ("zero", "global")
+MODELS = ("mlp", "cnn", "resnet18", "custom")
+NORM_LAYERS = ("shared", "local")
+CUSTOM = "custom"  # model.name / data.dataset of a run given its own model_fn / data
+
+# keys that moved into an algorithm's section: the old spelling is an error that names the new one
+MOVED_KEYS = {"ditto_lambda": "ditto.lambda", "finetune_epochs": "fedavg_ft.epochs",
+              "fedspa.prune_rate": "sub_fedavg.prune_rate"}
+
+# section name -> dataclass of its fields, filled by fedspa.algorithms.register
+_SECTIONS: dict[str, type] = {}
+
+
+def _builtin_algorithms() -> None:
+    """Registers the built-in algorithms and their sections (on first use: fedspa.algorithms imports this module)."""
+    import fedspa.algorithms  # noqa: F401
+
+
+def register_section(name: str, cls: type) -> None:
+    """Makes `cls` (a dataclass with defaults for every field) the config section `name`."""
+    if not dataclasses.is_dataclass(cls) or not isinstance(cls, type):
+        raise TypeError(f"the config section of {name!r} must be a dataclass type, got {cls!r}")
+    try:
+        cls()
+    except TypeError as exc:
+        raise TypeError(f"the config section {cls.__name__} of {name!r} needs a default for every field: "
+                        f"{exc}") from None
+    if name in {f.name for f in dataclasses.fields(ExperimentConfig)}:
+        raise ValueError(f"{name!r} is an ExperimentConfig field; an algorithm section cannot take that name")
+    _SECTIONS[name] = cls
+
+
+def unregister_section(name: str) -> None:
+    _SECTIONS.pop(name, None)
+
+
+def sections() -> dict[str, type]:
+    """The registered config sections (name -> dataclass)."""
+    _builtin_algorithms()
+    return dict(_SECTIONS)
 
 
 @dataclass
@@ -46,32 +85,14 @@ class ModelConfig:
     width: int = 32  # channels of the first conv (cnn), hidden units / 8 (mlp)
 
 
-@dataclass
-class FedSpaConfig:
-    """The sparse-training parts (FedSpa and the sparse baselines)."""
-
-    density: float = 0.1  # overall density of the sparsifiable weights
-    mask_init: str = "erk"
-    drop_fraction: float = 0.5  # alpha_0 of the cosine schedule
-    mask_update_interval: int = 1  # rounds between mask updates
-    regrowth: str = "random"
-    regrown_init: str = "zero"
-    aggregation: str = "holders"
-    weighted_aggregation: bool = False  # weight clients by their data size
-    execution: str = "sparse"  # dense_masked: dense weights x mask, the comparison most FL code runs
-    sparse_max_density: float = 0.5  # sparse execution: denser layers run as dense weights x mask (break-even)
-    prune_rate: float = 0.05  # sub_fedavg: fraction of the remaining weights pruned per round until the target
-
-
-@dataclass
+@dataclass(eq=False)
 class ExperimentConfig:
-    """One federated experiment."""
+    """One federated experiment. Algorithm sections are reached as attributes (``config.fedspa.density``)."""
 
     name: str = "fedspa"
     algorithm: str = "fedspa"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    fedspa: FedSpaConfig = field(default_factory=FedSpaConfig)
     clients: int = 10
     rounds: int = 30
     client_fraction: float = 0.5  # clients sampled per round
@@ -83,47 +104,55 @@ class ExperimentConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     grad_clip: float = 10.0
-    finetune_epochs: int = 1  # fedavg_ft, ditto's personal steps
-    ditto_lambda: float = 0.1
+    norm_layers: str = "shared"  # local: normalization layers (parameters and statistics) never leave the client
     seed: int = 0
     eval_every: int = 1
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
     threads: int | None = None  # torch threads; None: torch's default
     output_dir: str = "runs"
     checkpoint_every: int = 1
     measure_memory: bool = True
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
+    sections: dict[str, Any] = field(default_factory=dict, repr=False)  # algorithm sections, by name
+
+    def __getattr__(self, name: str) -> Any:  # only called when normal lookup fails: the algorithm sections
+        if name.startswith("__") or name == "sections":
+            raise AttributeError(name)
+        sections_ = self.__dict__.get("sections")
+        _builtin_algorithms()
+        if sections_ is not None and name in _SECTIONS:
+            if name not in sections_:  # registered after this config was made: its defaults
+                sections_[name] = _SECTIONS[name]()
+            return sections_[name]
+        raise AttributeError(f"ExperimentConfig has no field or algorithm section {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ExperimentConfig) and self.to_dict() == other.to_dict()
 
     # ---------------------------------------------------------------------------------------------- checking
     def validate(self) -> ExperimentConfig:
         """Raises ValueError for anything out of range; returns self."""
-        _choice("algorithm", self.algorithm, ALGORITHMS)
+        from .algorithms import registry  # the algorithm names live with the algorithms
+
+        _choice("algorithm", self.algorithm, tuple(registry.names()))
         _choice("data.dataset", self.data.dataset, DATASETS)
         _choice("data.partition", self.data.partition, PARTITIONS)
         _choice("model.name", self.model.name, MODELS)
-        _choice("fedspa.mask_init", self.fedspa.mask_init, MASK_INITS)
-        _choice("fedspa.regrowth", self.fedspa.regrowth, REGROWTHS)
-        _choice("fedspa.aggregation", self.fedspa.aggregation, AGGREGATIONS)
-        _choice("fedspa.regrown_init", self.fedspa.regrown_init, REGROWN_INITS)
-        _choice("fedspa.execution", self.fedspa.execution, EXECUTIONS)
-        if not 0.0 < self.fedspa.density <= 1.0:
-            raise ValueError(f"fedspa.density must lie in (0, 1], got {self.fedspa.density}")
-        if not 0.0 <= self.fedspa.drop_fraction <= 1.0:
-            raise ValueError(f"fedspa.drop_fraction must lie in [0, 1], got {self.fedspa.drop_fraction}")
-        if not 0.0 <= self.fedspa.sparse_max_density <= 1.0:
-            raise ValueError(f"fedspa.sparse_max_density must lie in [0, 1], got {self.fedspa.sparse_max_density}")
-        if not 0.0 <= self.fedspa.prune_rate < 1.0:
-            raise ValueError(f"fedspa.prune_rate must lie in [0, 1), got {self.fedspa.prune_rate}")
+        _choice("norm_layers", self.norm_layers, NORM_LAYERS)
+        for name, value in _flatten(self.to_dict()).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if not 0.0 < self.client_fraction <= 1.0:
             raise ValueError(f"client_fraction must lie in (0, 1], got {self.client_fraction}")
         if not 0.0 < self.data.test_fraction < 1.0:
             raise ValueError(f"data.test_fraction must lie in (0, 1), got {self.data.test_fraction}")
-        if (self.data.partition == "natural") != (self.data.dataset == "femnist"):
+        if (self.data.partition == "natural") != (self.data.dataset == "femnist") and self.data.dataset != CUSTOM:
             raise ValueError("data.partition=natural (one client per writer) goes with data.dataset=femnist, and "
                              f"femnist only with it; got {self.data.dataset} with {self.data.partition}")
         if self.data.alpha <= 0:
             raise ValueError(f"data.alpha must be > 0, got {self.data.alpha}")
         for name in ("clients", "rounds", "local_epochs", "batch_size", "eval_every", "checkpoint_every",
-                     "fedspa.mask_update_interval", "data.classes_per_client", "model.width"):
+                     "data.classes_per_client", "model.width"):
             value = self.get(name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -134,20 +163,40 @@ class ExperimentConfig:
         if self.lr <= 0 or not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr must be > 0 and lr_decay in (0, 1], got {self.lr} and {self.lr_decay}")
         if self.momentum < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
-            raise ValueError("momentum and weight_decay must be >= 0 and grad_clip > 0")
-        if self.finetune_epochs < 0 or self.ditto_lambda < 0:
-            raise ValueError("finetune_epochs and ditto_lambda must be >= 0")
+            raise ValueError("momentum and weight_decay must be >= 0 and grad_clip > 0, got "
+                             f"{self.momentum}, {self.weight_decay} and {self.grad_clip}")
+        from .device import check_device_string
+
+        check_device_string(self.device)
+        for name, section in self.all_sections().items():
+            check = getattr(section, "validate", None)
+            if check is not None:
+                try:
+                    check()
+                except ValueError as exc:
+                    raise ValueError(f"{name}.{exc}" if not str(exc).startswith(name + ".") else str(exc)) from None
         return self
 
     # ---------------------------------------------------------------------------------------------- io
+    def all_sections(self) -> dict[str, Any]:
+        """Every registered algorithm section of this config (defaults where none was given)."""
+        _builtin_algorithms()
+        return {name: getattr(self, name) for name in _SECTIONS}
+
     def get(self, dotted: str) -> Any:
         node: Any = self
         for part in dotted.split("."):
-            node = getattr(node, part)
+            node = getattr(node, _field_name(node, part))
         return node
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "sections"}
+        for name, section in self.all_sections().items():
+            out[name] = _plain(section)
+        return out
+
+    def copy(self) -> ExperimentConfig:
+        return copy.deepcopy(self)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -155,7 +204,22 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, values: dict) -> ExperimentConfig:
         """Builds a config from nested dicts; unknown keys are an error."""
-        return _build(cls, values, "")
+        if not isinstance(values, dict):
+            raise ValueError(f"config must be a mapping, got {values!r}")
+        _builtin_algorithms()
+        for old, new in MOVED_KEYS.items():
+            section, _, key = old.rpartition(".")
+            holder = values.get(section) if section else values
+            if isinstance(holder, dict) and key in holder:
+                raise ValueError(f"config key {old} is now {new}")
+        plain = {k: v for k, v in values.items() if k not in _SECTIONS}
+        if "sections" in plain:
+            raise ValueError("unknown config key(s) sections")
+        config = _build(cls, plain, "", extra_known=sorted(_SECTIONS))
+        for name, cls_ in _SECTIONS.items():
+            if name in values:
+                config.sections[name] = _build(cls_, values[name], f"{name}.")
+        return config
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -188,22 +252,55 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
-def _build(cls, values: dict, prefix: str):
+def _field_name(node: Any, key: str) -> str:
+    """The attribute behind a config key: ``lambda`` -> ``lambda_`` where the dataclass spells it so."""
+    if dataclasses.is_dataclass(node) and not hasattr(node, key) and hasattr(node, key + "_"):
+        return key + "_"
+    return key
+
+
+def _key(field_name: str) -> str:
+    return field_name[:-1] if field_name.endswith("_") else field_name
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {_key(f.name): _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def flatten(d: dict) -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    return _flatten(d)
+
+
+def _build(cls, values: dict, prefix: str, extra_known: list[str] = ()):
     if not isinstance(values, dict):
         raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
     hints = get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    fields = {_key(f.name): f.name for f in dataclasses.fields(cls) if f.name != "sections"}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; known: "
-                         f"{', '.join(sorted(known))}")
+                         f"{', '.join(sorted(set(fields) | set(extra_known)))}")
     kwargs = {}
-    for name, value in values.items():
+    for key, value in values.items():
+        name = fields[key]
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+            kwargs[name] = _build(hint, value, f"{prefix}{key}.")
         else:
-            kwargs[name] = _coerce(f"{prefix}{name}", value, hint)
+            kwargs[name] = _coerce(f"{prefix}{key}", value, hint)
     return cls(**kwargs)
 
 

@@ -1,6 +1,6 @@
 """Datasets that can be had offline, non-IID partitions, and each client's own train/test split.
 
-Datasets (see shared/datasets.md): Fashion-MNIST (the Debian package dataset-fashion-mnist, IDX files), MNIST and
+Datasets (all available offline): Fashion-MNIST (the Debian package dataset-fashion-mnist, IDX files), MNIST and
 EMNIST (IDX files the user places in a directory), FEMNIST (LEAF's JSON files, one client per writer: the natural
 partition), CIFAR-10/100 (the official python pickles, from a directory),
 scikit-learn's digits, and the LEAF/FedProx Synthetic(alpha, beta) data. Nothing is downloaded.
@@ -12,10 +12,12 @@ into its own train and test sets with the same label mix (stratified), as person
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
 import struct
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,8 @@ class Pool:
 
 @dataclass
 class ClientData:
+    """One client's own data: inputs (any shape and dtype: images, features, token ids) and int64 labels."""
+
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
@@ -59,6 +63,127 @@ class ClientData:
     @property
     def num_train(self) -> int:
         return int(self.train_y.numel())
+
+    def to(self, device: torch.device | str) -> ClientData:
+        """The same data on `device` (self when it is there already)."""
+        device = torch.device(device)
+        if all(t.device == device for t in (self.train_x, self.train_y, self.test_x, self.test_y)):
+            return self
+        return ClientData(self.train_x.to(device), self.train_y.to(device), self.test_x.to(device),
+                          self.test_y.to(device))
+
+    def check(self, where: str = "client") -> None:
+        """Raises TypeError/ValueError for anything a federation cannot train on."""
+        for split in ("train", "test"):
+            x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+                raise TypeError(f"{where}: {split}_x and {split}_y must be tensors, got {type(x).__name__} and "
+                                f"{type(y).__name__}")
+            if y.dim() != 1 or y.dtype != torch.int64:
+                raise ValueError(f"{where}: {split}_y must be a 1-D int64 tensor of labels, got {y.dtype} of shape "
+                                 f"{tuple(y.shape)}")
+            if x.dim() < 1 or x.shape[0] != y.shape[0]:
+                raise ValueError(f"{where}: {split}_x has {x.shape[0] if x.dim() else 0} samples but {split}_y "
+                                 f"{y.shape[0]}")
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{where}: {split}_x holds non-finite values")
+        if self.num_train < 1:
+            raise ValueError(f"{where}: has no training samples")
+
+
+@dataclass
+class FederatedData:
+    """A federation's data: one :class:`ClientData` per client (client k is ``clients[k]``).
+
+    Build your own with :meth:`from_tensors` or :meth:`from_datasets`; ``fedspa.train.run(config, data=...)``
+    trains on it (the federation then has ``len(clients)`` clients).
+    """
+
+    clients: list[ClientData]
+    num_classes: int
+    description: dict = field(default_factory=dict)  # what the data is (recorded in the run folder)
+    partition: dict | None = field(default=None, repr=False)  # which samples each client has (partition.json)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.clients[0].train_x.shape[1:])
+
+    @classmethod
+    def from_tensors(cls, train: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                     test: Sequence[tuple[torch.Tensor, torch.Tensor]], num_classes: int | None = None,
+                     name: str = "custom") -> FederatedData:
+        """From per-client ``(x, y)`` pairs: ``train[k]`` and ``test[k]`` are client k's.
+
+        Args:
+            num_classes: default: 1 + the largest label.
+        """
+        if len(train) != len(test):
+            raise ValueError(f"from_tensors: {len(train)} training and {len(test)} test sets; one of each per client")
+        clients = [ClientData(tx, ty, vx, vy) for (tx, ty), (vx, vy) in zip(train, test)]
+        return cls._made(clients, num_classes, name)
+
+    @classmethod
+    def from_datasets(cls, train: Sequence[torch.utils.data.Dataset], test: Sequence[torch.utils.data.Dataset],
+                      num_classes: int | None = None, name: str = "custom") -> FederatedData:
+        """From per-client map-style datasets yielding ``(x, y)`` (e.g. ``torch.utils.data.Subset`` of a
+        torchvision dataset); each client's samples are stacked into tensors once, here."""
+        if len(train) != len(test):
+            raise ValueError(f"from_datasets: {len(train)} training and {len(test)} test sets; one of each per "
+                             "client")
+
+        def stacked(dataset, where):
+            if len(dataset) == 0:
+                raise ValueError(f"from_datasets: {where} is empty")
+            xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
+            return (torch.stack([torch.as_tensor(x, device="cpu") for x in xs]),
+                    torch.as_tensor([int(y) for y in ys], dtype=torch.int64, device="cpu"))
+
+        clients = [ClientData(*stacked(tr, f"client {k} train"), *stacked(te, f"client {k} test"))
+                   for k, (tr, te) in enumerate(zip(train, test))]
+        return cls._made(clients, num_classes, name)
+
+    @classmethod
+    def _made(cls, clients: list[ClientData], num_classes: int | None, name: str) -> FederatedData:
+        if num_classes is None and clients:
+            num_classes = 1 + max(int(t.max()) for c in clients for t in (c.train_y, c.test_y) if t.numel())
+        data = cls(clients, int(num_classes or 0), {"name": name, "source": "user"})
+        data.check()
+        return data
+
+    def check(self) -> None:
+        """Raises TypeError/ValueError naming the client for anything a federation cannot train on: no clients,
+        missing samples, mismatched lengths, labels outside [0, num_classes), inputs of different shapes or dtypes
+        across clients, non-finite inputs."""
+        if not self.clients:
+            raise ValueError("FederatedData needs at least one client")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {self.num_classes!r}")
+        first = self.clients[0].train_x
+        for k, client in enumerate(self.clients):
+            if not isinstance(client, ClientData):
+                raise TypeError(f"client {k}: expected ClientData, got {type(client).__name__}")
+            client.check(f"client {k}")
+            for split in ("train", "test"):
+                x, y = getattr(client, f"{split}_x"), getattr(client, f"{split}_y")
+                if x.shape[1:] != first.shape[1:] or x.dtype != first.dtype:
+                    raise ValueError(f"client {k}: {split}_x is {x.dtype} of per-sample shape {tuple(x.shape[1:])}, "
+                                     f"client 0 has {first.dtype} {tuple(first.shape[1:])}")
+                if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+                    raise ValueError(f"client {k}: {split}_y has labels outside [0, {self.num_classes}): "
+                                     f"{int(y.min())}..{int(y.max())}")
+
+    def describe(self) -> dict:
+        """What the run trained on: name, clients, samples, input shape and dtype, classes, and a SHA-256 of every
+        client's tensors (so a resumed run can check it has the same data)."""
+        digest = hashlib.sha256()
+        for client in self.clients:
+            for t in (client.train_x, client.train_y, client.test_x, client.test_y):
+                digest.update(str((t.dtype, tuple(t.shape))).encode())
+                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return {**self.description, "clients": len(self.clients), "num_classes": self.num_classes,
+                "input_shape": list(self.input_shape), "input_dtype": str(self.clients[0].train_x.dtype),
+                "train_samples": [c.num_train for c in self.clients],
+                "test_samples": [int(c.test_y.numel()) for c in self.clients], "sha256": digest.hexdigest()}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -309,38 +434,72 @@ def _split(indices: np.ndarray, labels: np.ndarray, test_fraction: float,
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def federated_data(config: DataConfig, clients: int) -> tuple[list[ClientData], int, tuple[int, ...], dict]:
-    """Every client's train/test data, the number of classes, the input shape, and the partition record."""
+# what each dataset is, without loading it: (input shape, classes)
+DATASET_INFO = {
+    "fashion_mnist": ((1, 28, 28), 10), "mnist": ((1, 28, 28), 10), "emnist": ((1, 28, 28), 47),
+    "femnist": ((1, 28, 28), 62), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100),
+    "digits": ((1, 8, 8), 10), "synthetic": ((60,), 10),
+}
+
+
+def dataset_info(config: DataConfig) -> tuple[tuple[int, ...], int]:
+    """(input shape, number of classes) of the configured dataset, without reading it (a server needs no data)."""
+    if config.dataset not in DATASET_INFO:
+        raise ValueError(f"data.dataset={config.dataset!r} has no built-in description; pass the data itself")
+    return DATASET_INFO[config.dataset]
+
+
+def federated_data(config: DataConfig, clients: int, only: int | None = None) -> FederatedData:
+    """Every client's train/test data from the config (or, with `only`, client `only`'s alone: the partition is
+    computed from the labels and only that client's samples are kept, as a node of a real deployment would).
+
+    Raises:
+        DatasetNotFoundError: the files are missing; ValueError: a partition that cannot be made.
+    """
+    if only is not None and not 0 <= only < clients:
+        raise ValueError(f"client {only} is not one of the {clients} clients")
+    input_shape, num_classes = dataset_info(config)
     rng = np.random.default_rng(config.seed + 1)
+    keep = (lambda k: True) if only is None else (lambda k: k == only)
+    out, record = [], {"dataset": config.dataset, "partition": config.partition, "clients": []}
     if config.dataset == "synthetic":
         parts = synthetic(clients, samples_per_client=config.samples_per_client or 200, seed=config.seed)
-        out, record = [], {"dataset": "synthetic", "clients": []}
-        for x, y in parts:
+        record["partition"] = "synthetic"
+        for k, (x, y) in enumerate(parts):
             idx = np.arange(len(y))
             train, test = _split(idx, y.numpy(), config.test_fraction, rng)
-            out.append(ClientData(x[train], y[train], x[test], y[test]))
+            if keep(k):
+                out.append(ClientData(x[train], y[train], x[test], y[test]))
             record["clients"].append({"train": train.tolist(), "test": test.tolist()})
-        return out, 10, tuple(parts[0][0].shape[1:]), record
-    if config.dataset == "femnist":
+    elif config.dataset == "femnist":
         writers = load_femnist(config.root, clients)
-        out = [ClientData(*(torch.from_numpy(a).unsqueeze(1) if a.ndim == 3 else torch.from_numpy(a)
-                            for a in w[1:])) for w in writers]
-        record = {"dataset": "femnist", "partition": "natural", "clients": [{"writer": w[0]} for w in writers]}
-        return out, 62, (1, 28, 28), record
-    pool = load_pool(config)
-    labels = pool.y.numpy()
-    assignments = partition(labels, clients, config, pool.num_classes)
-    out, record = [], {"dataset": pool.name, "partition": config.partition, "clients": []}
-    for indices in assignments:
-        train, test = _split(indices, labels, config.test_fraction, rng)
-        out.append(ClientData(pool.x[train], pool.y[train], pool.x[test], pool.y[test]))
-        record["clients"].append({"train": train.tolist(), "test": test.tolist()})
-    return out, pool.num_classes, tuple(pool.x.shape[1:]), record
+        for k, w in enumerate(writers):
+            if keep(k):
+                out.append(ClientData(*(torch.from_numpy(a).unsqueeze(1) if a.ndim == 3 else torch.from_numpy(a)
+                                        for a in w[1:])))
+            record["clients"].append({"writer": w[0]})
+    else:
+        pool = load_pool(config)
+        labels = pool.y.numpy()
+        if labels.size and int(labels.max()) >= num_classes:
+            raise ValueError(f"{config.dataset}: labels up to {int(labels.max())}, the dataset has {num_classes} "
+                             "classes")
+        for k, indices in enumerate(partition(labels, clients, config, num_classes)):
+            train, test = _split(indices, labels, config.test_fraction, rng)
+            if keep(k):
+                out.append(ClientData(pool.x[train], pool.y[train], pool.x[test], pool.y[test]))
+            record["clients"].append({"train": train.tolist(), "test": test.tolist()})
+        del pool
+    if out and tuple(out[0].train_x.shape[1:]) != input_shape:
+        raise ValueError(f"{config.dataset}: samples of shape {tuple(out[0].train_x.shape[1:])}, expected "
+                         f"{input_shape}")
+    description = {"name": config.dataset, "source": "config", "partition": record["partition"]}
+    return FederatedData(out, num_classes, description, record)
 
 
 def label_counts(clients: list[ClientData], num_classes: int) -> np.ndarray:
     """(clients x classes) training-label counts."""
-    return np.stack([np.bincount(c.train_y.numpy(), minlength=num_classes) for c in clients])
+    return np.stack([np.bincount(c.train_y.cpu().numpy(), minlength=num_classes) for c in clients])
 
 
 def plot_label_distribution(clients: list[ClientData], num_classes: int, path: str | Path) -> None:

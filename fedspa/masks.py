@@ -1,9 +1,11 @@
-"""Sparse masks: which weights are sparse, per-layer densities (ERK or uniform), personalized random masks.
+"""Sparse masks: which weights are masked, per-tensor densities (ERK or uniform), personalized random masks.
 
-The weights of Linear and Conv2d layers are sparsifiable; 1-D tensors (biases, normalization) stay dense. ERK
-(RigL, Evci et al. 2020): a layer's density is proportional to (sum of its dims) / (product of its dims), scaled so
-the sparsifiable weights hold `density` of their total; a layer whose density would exceed 1 is made dense and the
-scale is recomputed for the rest. Uniform: every sparsifiable layer at `density`.
+Every parameter with two or more dimensions is masked (Linear, Conv*d of any groups, Embedding, the packed
+``in_proj_weight`` of ``MultiheadAttention``, a custom module's weights); 1-D tensors (biases, normalization
+parameters) and buffers stay dense. Masks are keyed by parameter name (``"features.0.weight"``). ERK (RigL, Evci
+et al. 2020): a tensor's density is proportional to (sum of its dims) / (product of its dims), scaled so the
+masked weights hold `density` of their total; a tensor whose density would exceed 1 is made dense and the scale
+is recomputed for the rest. Uniform: every masked tensor at `density`.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ import torch
 from torch import nn
 
 
-def sparsifiable_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Module name -> weight shape of every Linear and Conv2d layer, in model order."""
-    return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+def maskable_parameters(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of every parameter with >= 2 dimensions, in ``named_parameters`` order."""
+    return {name: tuple(p.shape) for name, p in model.named_parameters() if p.dim() >= 2}
 
 
 def layer_densities(shapes: dict[str, tuple[int, ...]], density: float, method: str = "erk") -> dict[str, float]:
-    """Per-layer densities whose weighted mean over the sparsifiable weights is `density`."""
+    """Per-tensor densities whose weighted mean over the masked weights is `density`."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must lie in (0, 1], got {density}")
+    if not shapes:
+        return {}
     if method == "uniform" or density == 1.0:
         return {name: density for name in shapes}
     if method != "erk":
@@ -46,22 +50,29 @@ def layer_densities(shapes: dict[str, tuple[int, ...]], density: float, method: 
     return {name: 1.0 if name in dense else scale * raw[name] for name in shapes}
 
 
-def random_masks(shapes: dict[str, tuple[int, ...]], densities: dict[str, float],
-                 generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """For each layer, round(density * n) positions drawn uniformly without replacement."""
+def target_nnz(shapes: dict[str, tuple[int, ...]], densities: dict[str, float]) -> dict[str, int]:
+    """round(density * n) per tensor, at least 1 and at most n."""
+    return {name: min(math.prod(shape), max(1, int(round(densities[name] * math.prod(shape)))))
+            for name, shape in shapes.items()}
+
+
+def random_masks(shapes: dict[str, tuple[int, ...]], densities: dict[str, float], generator: torch.Generator,
+                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """For each tensor, round(density * n) positions drawn uniformly without replacement (drawn on the CPU from
+    `generator`, so the masks are the same on every device)."""
     masks = {}
-    for name, shape in shapes.items():
-        n = math.prod(shape)
-        nnz = min(n, max(1, int(round(densities[name] * n))))
-        flat = torch.zeros(n, dtype=torch.bool)
-        flat[torch.randperm(n, generator=generator)[:nnz]] = True
-        masks[name] = flat.reshape(shape)
+    for name, nnz in target_nnz(shapes, densities).items():
+        n = math.prod(shapes[name])
+        flat = torch.zeros(n, dtype=torch.bool, device="cpu")
+        flat[torch.randperm(n, generator=generator, device="cpu")[:nnz]] = True
+        masks[name] = flat.reshape(shapes[name]).to(device)
     return masks
 
 
 def client_generator(seed: int, client: int, purpose: int = 0, round_index: int = 0) -> torch.Generator:
-    """The generator of one (client, round, purpose): all randomness derives from these, so runs resume exactly."""
-    g = torch.Generator()
+    """The CPU generator of one (client, round, purpose): all randomness derives from these, so runs resume
+    exactly and every device draws the same numbers."""
+    g = torch.Generator(device="cpu")
     g.manual_seed((seed * 1_000_003 + client * 10_007 + round_index * 101 + purpose) % (2**63 - 1))
     return g
 

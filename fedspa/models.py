@@ -79,6 +79,8 @@ class ResNet18(nn.Module):
 
 def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The model named in the config, for inputs of `input_shape` (C, H, W) or (features,)."""
+    if config.name == "custom":
+        raise ValueError("model.name=custom: the run was given its own model; pass model_fn= to fedspa.train.run")
     if config.name == "mlp":
         return MLP(input_shape, num_classes, config.width)
     if len(input_shape) != 3:

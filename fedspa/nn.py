@@ -2,7 +2,10 @@
 
 ``SparseLinear`` and ``SparseConv2d`` hold the active values as their parameter (so gradients and optimizer
 state exist only for them) and the pattern as buffers (CSR + transpose metadata). :func:`sparsify` turns the
-Linear/Conv2d layers of a model into sparse ones given masks; :func:`densify` turns them back.
+Linear/Conv2d layers of a model into sparse ones given masks; :func:`densify` turns them back. Any other weight
+(a depthwise conv, an Embedding, ``MultiheadAttention``'s packed ``in_proj_weight``) can be masked in the forward
+with :func:`mask_in_forward` (dense weight times the mask, a ``torch.nn.utils.parametrize`` parametrization);
+:func:`apply_masks` chooses between the two per weight.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import fedspa_kernels as fk
 
@@ -286,6 +290,125 @@ def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """The masks of a model's sparse layers, shaped like the dense weights (module name -> bool tensor)."""
     return {name: layer.mask() for name, layer in model.named_modules() if isinstance(layer, SPARSE_LAYERS)}
+
+
+def sparse_layer_for(module: nn.Module) -> type[nn.Module] | None:
+    """The sparse layer that can run `module`'s weight, or None. Only exact ``nn.Linear`` and ``nn.Conv2d``
+    qualify (a subclass may have its own forward, and e.g. ``MultiheadAttention`` reads its ``out_proj`` weight
+    directly); a Conv2d needs groups = 1, zero padding and integer padding."""
+    if type(module) is nn.Linear:
+        return SparseLinear
+    if (type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)):
+        return SparseConv2d
+    return None
+
+
+def why_not_sparse(module: nn.Module, attr: str = "weight") -> str:
+    """Why no sparse layer runs `module`'s parameter `attr` (for messages), e.g. ``"Conv2d, groups=16"``."""
+    name = type(module).__name__
+    if attr != "weight":
+        return f"{name}.{attr}"
+    if type(module) is nn.Conv2d:
+        if module.groups != 1:
+            return f"{name}, groups={module.groups}"
+        if module.padding_mode != "zeros":
+            return f"{name}, padding_mode={module.padding_mode!r}"
+        if isinstance(module.padding, str):
+            return f"{name}, padding={module.padding!r}"
+    return name
+
+
+class WeightMask(nn.Module):
+    """A parametrization: the weight times a fixed bool mask, so the forward sees only the masked weights and the
+    gradient off the mask is exactly zero."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError("WeightMask: mask must be a bool tensor")
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        raise ValueError(f"{name!r} is not a parameter of {type(model).__name__}") from None
+    return module, attr
+
+
+def mask_in_forward(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
+    """In place: each parameter named in `masks` (``"module.attr"`` -> bool mask of its shape) becomes its dense
+    value times the mask (``WeightMask``); the stored value is zeroed off the mask, so SGD with weight decay and
+    momentum keeps it zero there.
+
+    Raises:
+        ValueError: a name that is not a parameter of the model, or a mask of another shape.
+    """
+    for name, mask in masks.items():
+        module, attr = _owner(model, name)
+        weight = getattr(module, attr, None)
+        if not isinstance(weight, nn.Parameter) or parametrize.is_parametrized(module, attr):
+            raise ValueError(f"mask_in_forward: {name!r} is not an unparametrized parameter of the model")
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(f"mask_in_forward: mask for {name!r} has shape {tuple(mask.shape)}, the weight "
+                             f"{tuple(weight.shape)}")
+        mask = mask.to(device=weight.device, dtype=torch.bool)
+        with torch.no_grad():
+            weight.mul_(mask)
+        parametrize.register_parametrization(module, attr, WeightMask(mask))
+    return model
+
+
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], *, sparse: bool = True,
+                sparse_max_density: float = 1.0, backend: str | None = None) -> dict[str, str]:
+    """In place: runs every masked weight (parameter name -> bool mask) the cheapest correct way.
+
+    A weight becomes ``"sparse"`` (its Linear/Conv2d replaced by SparseLinear/SparseConv2d) when `sparse` is set,
+    a sparse layer exists for it (:func:`sparse_layer_for`) and its density is at most `sparse_max_density`;
+    ``"dense"`` when its mask is all ones (nothing to mask); ``"masked"`` (dense weight times the mask in the
+    forward) otherwise.
+
+    Returns:
+        Parameter name -> "sparse" | "dense" | "masked".
+    """
+    plan: dict[str, str] = {}
+    layers: dict[str, torch.Tensor] = {}
+    masked: dict[str, torch.Tensor] = {}
+    for name, mask in masks.items():
+        module, attr = _owner(model, name)
+        if bool(mask.all()):
+            plan[name] = "dense"
+        elif (sparse and attr == "weight" and sparse_layer_for(module) is not None
+              and int(mask.count_nonzero()) <= sparse_max_density * mask.numel()):
+            plan[name] = "sparse"
+            layers[name.rpartition(".")[0]] = mask
+        else:
+            plan[name] = "masked"
+            masked[name] = mask
+    sparsify(model, layers, inplace=True, backend=backend)
+    mask_in_forward(model, masked)
+    return plan
+
+
+def masked_weight_values(model: nn.Module, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The current dense value (zeros off the mask) of each named weight, however it runs: a sparse layer's
+    nonzeros scattered back, a masked weight's value times its mask, or the plain weight. Detached."""
+    out = {}
+    for name in names:
+        module, attr = _owner(model, name)
+        if isinstance(module, SPARSE_LAYERS) and attr == "weight":
+            shape = ((module.out_features, module.in_features) if isinstance(module, SparseLinear)
+                     else (module.out_channels, module.in_channels, *module.kernel_size))
+            out[name] = module.weight.dense().detach().reshape(shape)
+        else:
+            out[name] = getattr(module, attr).detach()
+    return out
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:

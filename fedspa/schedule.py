@@ -1,6 +1,6 @@
 """FedSpa's mask-update schedule: how many weights each layer drops (and regrows) in a round.
 
-The drop fraction anneals with a cosine from ``initial`` to 0 over the run (shared/fedspa.md):
+The drop fraction anneals with a cosine from ``initial`` to 0 over the run (as in RigL and DisPFL):
     alpha_t = (alpha_0 / 2) * (1 + cos(pi * t / T))
 and layer l drops k_l = round(alpha_t * nnz_l) of its nnz_l active weights (never more than it can regrow).
 """

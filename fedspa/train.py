@@ -1,10 +1,22 @@
-"""``fedspa.train.run(config)``: one federated experiment, logged, checkpointed and resumable.
+"""``fedspa.train.run(config)``: one federated experiment, simulated in one process, logged, checkpointed and
+resumable.
 
-The output folder holds ``config.yaml``, ``partition.json`` (which samples each client has),
-``label_distribution.png``, ``metrics.jsonl`` / ``metrics.csv`` (one row per round), ``summary.json``,
-``accuracy_vs_round.png``, ``accuracy_vs_bytes.png`` and ``checkpoint.pt`` (every client's state). A run killed
-mid-way resumes from its last checkpoint (``resume=True``) and ends exactly as an uninterrupted run: every random
-draw comes from (seed, client, round)-seeded generators, and the checkpoint holds the whole algorithm state.
+The simulation is both halves of the algorithm (``fedspa.algorithms``) in one process: every round the server
+half samples clients and encodes their downlinks, each client half trains from those bytes and answers with its
+upload bytes and metrics, and the server half checks and aggregates what it received: nothing else passes
+between them, exactly as across machines (``fedspa.flower`` runs the same halves on Flower).
+
+Bring your own model, data and loss::
+
+    run(config, model_fn=lambda: MyNet(), data=FederatedData.from_tensors(train, test), loss_fn=my_loss)
+
+The output folder holds ``config.yaml`` (the config as run: ``model.name`` / ``data.dataset`` are ``custom`` when
+given), ``run.json`` (what was really used: model class and parameter count, data description and hash, device,
+versions), ``partition.json`` (which samples each client has, for config-built data), ``label_distribution.png``,
+``metrics.jsonl`` / ``metrics.csv`` (one row per round), ``summary.json``, ``accuracy_vs_round.png``,
+``accuracy_vs_bytes.png`` and ``checkpoint.pt`` (the server's and every client's state). A run killed mid-way
+resumes from its last checkpoint (``resume=True``) and ends exactly as an uninterrupted run: every random draw
+comes from (seed, client, round)-seeded generators, and the checkpoint holds both halves' whole state.
 """
 
 from __future__ import annotations
@@ -18,21 +30,27 @@ import pickle
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from .algorithms import algorithm_class
-from .config import ExperimentConfig
-from .data import federated_data, plot_label_distribution
+from . import __version__
+from .algorithms import registry
+from .algorithms.base import Client, LossFn, ModelFactory, Server, Upload
+from .config import CUSTOM, ExperimentConfig, flatten
+from .data import FederatedData, federated_data, plot_label_distribution
+from .device import resolve_device
 from .models import build_model
 
 CHECKPOINT_FORMAT = "fedspa-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 # fields that do not change what a run computes: a checkpoint may be resumed with other values
-_NON_SEMANTIC = {"name", "output_dir", "progress", "threads", "checkpoint_every", "measure_memory"}
+_NON_SEMANTIC = {"name", "output_dir", "progress", "threads", "checkpoint_every", "measure_memory", "device"}
 
 
 @dataclass
@@ -46,18 +64,135 @@ class CheckpointError(ValueError):
     """A checkpoint that is corrupt, not fedspa's, or written by a different experiment."""
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+# ------------------------------------------------------------------------------------------------------------------
+# A federation in one process
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Federation:
+    """Both halves of an algorithm, built for one process: the server and one client half per client."""
+
+    config: ExperimentConfig  # as run (model.name / data.dataset "custom" for a given model / data)
+    spec: registry.AlgorithmSpec
+    models: ModelFactory
+    data: FederatedData
+    server: Server
+    clients: list[Client]
+    device: torch.device
+
+    def setup(self) -> dict:
+        """What the run really uses (``run.json``, and checked on resume)."""
+        return {"algorithm": self.spec.name, "model": self.models.describe(), "data": self.data.describe(),
+                "device": str(self.device)}
+
+    def round(self, round_index: int) -> tuple[list[Upload], float]:
+        """One training round; returns the uploads (with their metrics) and the seconds spent profiling."""
+        uploads, profiling = [], 0.0
+        sampled = self.server.sample(round_index)
+        for position, k in enumerate(sampled):
+            downlink = self.server.downlink(k, round_index)
+            measure = self.config.measure_memory and position == 0
+            payload, metrics = self.clients[k].round(downlink, round_index, measure_memory=measure)
+            profiling += metrics.profiling_seconds
+            uploads.append(Upload(k, payload, metrics, len(downlink)))
+        self.server.aggregate([self.server.receive(u) for u in uploads], round_index)
+        return uploads, profiling
+
+    def evaluate(self, round_index: int) -> dict:
+        """Every client's personal model on its own test split: pooled accuracy and loss, mean/std over clients."""
+        results = [client.evaluate(self.server.evaluation_downlink(k, round_index), round_index)
+                   for k, client in enumerate(self.clients)]
+        return evaluation_row(results)
 
 
-def load_checkpoint(path: Path, config: ExperimentConfig) -> dict:
-    """The checkpoint at `path`, checked to belong to this experiment.
+def evaluation_row(results: list) -> dict:
+    """The evaluation columns of a history row from per-client EvalMetrics (None: the client did not answer)."""
+    per_client = [r.accuracy if r is not None else float("nan") for r in results]
+    answered = [r for r in results if r is not None]
+    correct = sum(r.correct for r in answered)
+    total = sum(r.total for r in answered)
+    values = np.array([a for a in per_client if not math.isnan(a)])
+    loss = sum(r.loss * r.total for r in answered if r.total) / total if total else float("nan")
+    return {"acc_pooled": correct / total if total else float("nan"),
+            "acc_mean": float(values.mean()) if values.size else float("nan"),
+            "acc_std": float(values.std()) if values.size else float("nan"),
+            "test_loss": loss, "acc_per_client": per_client}
+
+
+def train_row(round_index: int, lr: float, sampled: list[int], uploads: list[Upload], seconds: float) -> dict:
+    """The training columns of a history row."""
+    samples = sum(u.metrics.samples for u in uploads)
+    peaks = [u.metrics.peak_memory for u in uploads if u.metrics.peak_memory is not None]
+    return {
+        "round": round_index + 1,
+        "lr": lr,
+        "sampled": sampled,
+        "train_loss": sum(u.metrics.loss * u.metrics.samples for u in uploads) / max(samples, 1),
+        "bytes_up": sum(len(u.payload) for u in uploads),
+        "bytes_down": sum(u.bytes_down for u in uploads),
+        "flops": sum(u.metrics.flops for u in uploads),
+        "flops_per_client": sum(u.metrics.flops for u in uploads) / max(len(uploads), 1),
+        "peak_memory": max(peaks) if peaks else None,
+        "train_seconds": seconds,
+    }
+
+
+def federation(config: ExperimentConfig, *, model_fn: Callable[[], nn.Module] | None = None,
+               data: FederatedData | None = None, loss_fn: LossFn | None = None) -> Federation:
+    """Builds the server half and every client half of ``config.algorithm``.
+
+    Args:
+        config: the experiment (validated here).
+        model_fn: returns a fresh model (default: the config's ``model``); called once, under the run's seed.
+        data: the clients' data (default: the config's ``data``); the federation then has ``len(data.clients)``
+            clients.
+        loss_fn: ``loss_fn(logits, targets) -> scalar`` (default: cross-entropy).
+    """
+    config = config.copy().validate()
+    spec = registry.get(config.algorithm)
+    if data is None:
+        if config.data.dataset == CUSTOM:
+            raise ValueError("data.dataset=custom: pass the data itself (data=FederatedData(...))")
+        data = federated_data(config.data, config.clients)
+    else:
+        if not isinstance(data, FederatedData):
+            raise TypeError(f"data must be a fedspa.data.FederatedData, got {type(data).__name__}")
+        data.check()
+        config.data = type(config.data)(dataset=CUSTOM)
+        config.clients = len(data.clients)
+    if model_fn is None:
+        if config.model.name == CUSTOM:
+            raise ValueError("model.name=custom: pass the model itself (model_fn=...)")
+        input_shape, num_classes = data.input_shape, data.num_classes
+        model_fn = lambda: build_model(config.model, input_shape, num_classes)  # noqa: E731
+    else:
+        config.model = type(config.model)(name=CUSTOM)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (logits, targets) -> loss, got {type(loss_fn).__name__}")
+    device = resolve_device(config.device)
+    models = ModelFactory(model_fn, config.seed)
+    server = spec.server(config, models, len(data.clients), device)
+    clients = [spec.client(config, k, client, models, device, loss_fn) for k, client in enumerate(data.clients)]
+    return Federation(config, spec, models, data, server, clients, device)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------------------------
+def _semantic_differences(saved_config: dict, config: ExperimentConfig) -> list[tuple[str, object, object]]:
+    """(field, saved, current) of the fields that change what the run computes and differ between a checkpoint's
+    config and `config` (a field the checkpoint predates counts at its default)."""
+    spec = registry.get(config.algorithm)
+    relevant = set(spec.sections)
+    other_sections = set(config.all_sections()) - relevant
+    saved, current = flatten(saved_config), flatten(config.to_dict())
+    defaults = flatten(ExperimentConfig().to_dict())
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}  # fields added since: defaults
+    return [(k, saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
+            if k.split(".")[0] not in _NON_SEMANTIC | other_sections and saved.get(k) != current.get(k)]
+
+
+def load_checkpoint(path: Path, config: ExperimentConfig, setup: dict | None = None) -> dict:
+    """The checkpoint at `path`, checked to belong to this experiment (and, given `setup`, to this model and data).
 
     Raises:
         CheckpointError: unreadable, not a fedspa checkpoint, another version, or another experiment's.
@@ -70,23 +205,26 @@ def load_checkpoint(path: Path, config: ExperimentConfig) -> dict:
         raise CheckpointError(f"{path} is not a fedspa checkpoint")
     if state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {path} has version {state.get('version')}, this fedspa reads "
-                              f"{CHECKPOINT_VERSION}")
-    saved, current = _flatten(state["config"]), _flatten(config.to_dict())
-    defaults = _flatten(ExperimentConfig().to_dict())
-    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}  # fields added since: defaults
-    differing = sorted(k for k in set(saved) | set(current)
-                       if k.split(".")[0] not in _NON_SEMANTIC and saved.get(k) != current.get(k))
+                              f"{CHECKPOINT_VERSION} (a checkpoint of an older fedspa cannot be resumed: start afresh)")
+    differing = _semantic_differences(state["config"], config)
     if differing:
-        details = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in differing)
+        details = ", ".join(f"{k}: {saved!r} in the checkpoint, {current!r} now" for k, saved, current in differing)
         raise CheckpointError(f"checkpoint {path} was written by a different experiment ({details})")
+    if setup is not None:
+        saved_setup = state.get("setup", {})
+        for part, key in (("model", "layout_sha256"), ("model", "class"), ("data", "sha256")):
+            if saved_setup.get(part, {}).get(key) != setup[part][key]:
+                raise CheckpointError(f"checkpoint {path} was written with another {part} ({part}.{key}: "
+                                      f"{saved_setup.get(part, {}).get(key)!r} in the checkpoint, "
+                                      f"{setup[part][key]!r} now)")
     return state
 
 
-def _save_checkpoint(path: Path, config: ExperimentConfig, round_index: int, algorithm_state: dict,
-                     history: list[dict]) -> None:
+def _save_checkpoint(path: Path, fed: Federation, round_index: int, history: list[dict], setup: dict) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config.to_dict(),
-                "round": round_index, "algorithm": algorithm_state, "history": history}, tmp)
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": fed.config.to_dict(),
+                "setup": setup, "round": round_index, "server": fed.server.state_dict(),
+                "clients": [c.state_dict() for c in fed.clients], "history": history}, tmp)
     os.replace(tmp, path)  # atomic: a kill never leaves a half-written checkpoint
 
 
@@ -98,8 +236,7 @@ def summarize(history: list[dict], config: ExperimentConfig) -> dict:
     peaks = [h["peak_memory"] for h in history if h.get("peak_memory")]
     return {
         "algorithm": config.algorithm,
-        "execution": config.fedspa.execution if config.algorithm in ("fedspa", "sub_fedavg") else "dense",
-        "density": config.fedspa.density if config.algorithm in ("fedspa", "sub_fedavg") else 1.0,
+        **registry.get(config.algorithm).describe(config),
         "rounds": len(history),
         "final_round": last.get("round"),
         "final_acc_pooled": last.get("acc_pooled"),
@@ -147,12 +284,18 @@ def _plot(history: list[dict], out: Path, label: str) -> None:
         plt.close(fig)
 
 
-def run(config: ExperimentConfig, *, output_dir: str | Path | None = None, resume: bool = False,
-        stop_after: int | None = None) -> RunResult:
-    """Runs (or resumes) one experiment.
+def run(config: ExperimentConfig, *, model_fn: Callable[[], nn.Module] | None = None,
+        data: FederatedData | None = None, loss_fn: LossFn | None = None, output_dir: str | Path | None = None,
+        resume: bool = False, stop_after: int | None = None) -> RunResult:
+    """Runs (or resumes) one experiment: both halves of ``config.algorithm`` simulated in this process.
 
     Args:
         config: the experiment (validated here).
+        model_fn: returns a fresh ``nn.Module`` (default: the config's ``model``); called once, under the seed.
+        data: a :class:`fedspa.data.FederatedData` (default: the config's ``data``); the federation then has
+            ``len(data.clients)`` clients.
+        loss_fn: ``loss_fn(logits, targets) -> scalar`` for training and the reported test loss (default:
+            cross-entropy); accuracy is the argmax of the logits.
         output_dir: where to write; default ``<config.output_dir>/<UTC time>_<config.name>``.
         resume: continue from ``output_dir/checkpoint.pt`` if it exists.
         stop_after: stop after this many rounds in total (as if killed there), checkpoint included.
@@ -163,26 +306,33 @@ def run(config: ExperimentConfig, *, output_dir: str | Path | None = None, resum
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
+    fed = federation(config, model_fn=model_fn, data=data, loss_fn=loss_fn)
+    config = fed.config
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(output_dir) if output_dir is not None else Path(config.output_dir) / f"{stamp}_{config.name}"
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
+    setup = fed.setup()
 
-    clients, num_classes, input_shape, record = federated_data(config.data, config.clients)
-    algorithm = algorithm_class(config.algorithm)(config, clients, lambda: build_model(config.model, input_shape,
-                                                                                        num_classes),
-                                                  input_shape, num_classes)
     history: list[dict] = []
     start = 0
     if resume and checkpoint.exists():
-        state = load_checkpoint(checkpoint, config)
-        algorithm.load_state_dict(state["algorithm"])
+        state = load_checkpoint(checkpoint, config, setup)
+        fed.server.load_state_dict(state["server"])
+        if len(state["clients"]) != len(fed.clients):
+            raise CheckpointError(f"checkpoint {checkpoint} holds {len(state['clients'])} clients, the run has "
+                                  f"{len(fed.clients)}")
+        for client, client_state in zip(fed.clients, state["clients"]):
+            client.load_state_dict(client_state)
         history = list(state["history"])
         start = int(state["round"])
     else:
         config.save(out / "config.yaml")
-        (out / "partition.json").write_text(json.dumps(record))
-        plot_label_distribution(clients, num_classes, out / "label_distribution.png")
+        versions = {"fedspa": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
+        (out / "run.json").write_text(json.dumps({**setup, "versions": versions}, indent=2))
+        if fed.data.partition is not None:
+            (out / "partition.json").write_text(json.dumps(fed.data.partition))
+        plot_label_distribution(fed.data.clients, fed.data.num_classes, out / "label_distribution.png")
 
     show = config.progress if config.progress is not None else sys.stderr.isatty()
     last = config.rounds if stop_after is None else min(config.rounds, stop_after)
@@ -192,33 +342,19 @@ def run(config: ExperimentConfig, *, output_dir: str | Path | None = None, resum
             log.write(json.dumps(h) + "\n")
         for t in bar:
             began = time.perf_counter()
-            algorithm.measurement_seconds = 0.0
-            results = algorithm.run_round(t)
-            seconds = time.perf_counter() - began - algorithm.measurement_seconds
-            samples = sum(r.samples for r in results)
-            peaks = [r.peak_memory for r in results if r.peak_memory is not None]
-            row = {
-                "round": t + 1,
-                "lr": algorithm.learning_rate(t),
-                "sampled": [r.client for r in results],
-                "train_loss": sum(r.train_loss * r.samples for r in results) / max(samples, 1),
-                "bytes_up": sum(r.bytes_up for r in results),
-                "bytes_down": sum(r.bytes_down for r in results),
-                "flops": sum(r.flops for r in results),
-                "flops_per_client": sum(r.flops for r in results) / max(len(results), 1),
-                "peak_memory": max(peaks) if peaks else None,
-                "train_seconds": seconds,
-            }
+            uploads, profiling = fed.round(t)
+            row = train_row(t, fed.clients[0].learning_rate(t), [u.client for u in uploads], uploads,
+                            time.perf_counter() - began - profiling)
             if (t + 1) % config.eval_every == 0 or t + 1 == config.rounds:
                 began = time.perf_counter()
-                row.update(algorithm.evaluate_all())
+                row.update(fed.evaluate(t))
                 row["eval_seconds"] = time.perf_counter() - began
                 bar.set_postfix(acc=f"{row['acc_pooled']:.3f}", loss=f"{row['train_loss']:.3f}")
             history.append(row)
             log.write(json.dumps(row) + "\n")
             log.flush()
             if (t + 1) % config.checkpoint_every == 0 or t + 1 == last:
-                _save_checkpoint(checkpoint, config, t + 1, algorithm.state_dict(), history)
+                _save_checkpoint(checkpoint, fed, t + 1, history, setup)
     bar.close()
 
     columns: list[str] = []

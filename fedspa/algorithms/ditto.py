@@ -1,64 +1,86 @@
 """Ditto: Li, Hu, Beirami, Smith, "Ditto: Fair and Robust Federated Learning Through Personalization", ICML 2021.
 
 Each sampled client runs FedAvg's local update of the global model w and, in the same round, as many SGD steps
-on its personal model v_k with the proximal loss f_k(v_k) + (lambda / 2) ||v_k - w||^2 (w as received). Clients
-are evaluated with v_k. Training FLOPs count both updates."""
+on its personal model v_k with the proximal loss f_k(v_k) + (lambda / 2) ||v_k - w||^2 (w as received;
+``ditto.lambda``). v_k starts at the initial global model w^0 and lives only on the client (parameters and
+buffers); clients are evaluated with v_k, so evaluation needs no downlink. Training FLOPs count both updates."""
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..metrics import training_flops_per_sample
-from .base import FINETUNE, ClientResult
-from .fedavg import FedAvg
+from .base import FINETUNE, TrainMetrics, load_state
+from .fedavg import FedAvgClient, FedAvgServer
+from .registry import register
 
 
-class Ditto(FedAvg):
-    name = "ditto"
+@dataclass
+class DittoConfig:
+    lambda_: float = 0.1  # weight of the proximal term pulling v_k towards the global model
 
+    def validate(self) -> None:
+        if self.lambda_ < 0:
+            raise ValueError(f"lambda must be >= 0, got {self.lambda_}")
+
+
+class DittoServer(FedAvgServer):
+    def evaluation_downlink(self, client: int, round_index: int) -> bytes:
+        return b""  # clients are evaluated with v_k, which they hold
+
+
+class DittoClient(FedAvgClient):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        initial = {n: p.detach().clone() for n, p in self.global_model.named_parameters()}
-        self.personal_models: list[dict[str, torch.Tensor] | None] = [None] * len(self.clients)
-        self._initial = initial
+        self.personal_model: dict[str, torch.Tensor] | None = None  # v_k; None until first trained: w^0
 
-    def client_round(self, client: int, round_index: int) -> ClientResult:
-        received, _ = self.received_model(client)
-        reference = [p.detach().clone() for p in received.parameters()]
-        result = super().client_round(client, round_index)  # the global model's local update (FedAvg)
-        personal = self.model_fn()
-        state = self.personal_models[client] or self._initial
-        with torch.no_grad():
-            for name, p in personal.named_parameters():
-                p.copy_(state[name])
-        lam = self.config.ditto_lambda
+    def _personal(self) -> nn.Module:
+        model = self.models.make(self.device)  # w^0
+        if self.personal_model is not None:
+            load_state(model, self.personal_model)
+        return model
+
+    def train(self, model: nn.Module, round_index: int, measure_memory: bool) -> TrainMetrics:
+        """FedAvg's update of the received w (uploaded), then the proximal update of v_k towards w as received."""
+        reference = [p.detach().clone() for p in model.parameters()]
+        metrics = super().train(model, round_index, measure_memory)
+        personal = self._personal()
         params = list(personal.parameters())
+        lam = self.config.ditto.lambda_
 
         def proximal() -> torch.Tensor:
             return 0.5 * lam * sum(((p - r) ** 2).sum() for p, r in zip(params, reference))
 
-        loss, seen, _ = self.local_train(personal, client, round_index, self.learning_rate(round_index),
-                                         extra_loss=proximal, purpose=FINETUNE)
-        self.personal_models[client] = {n: p.detach().clone() for n, p in personal.named_parameters()}
-        result.flops += float(seen * training_flops_per_sample(personal, self.input_shape))
-        result.extra["personal_loss"] = loss
-        return result
+        personal_metrics = self.local_train(personal, round_index, extra_loss=proximal, purpose=FINETUNE)
+        self.personal_model = {n: t.detach().clone() for n, t in personal.state_dict().items()}
+        metrics.flops += personal_metrics.flops
+        metrics.extra["personal_loss"] = personal_metrics.loss
+        return metrics
 
-    def personal_model(self, client: int) -> nn.Module:
-        model = copy.deepcopy(self.global_model)
-        state = self.personal_models[client] or self._initial  # v_k starts at w^0, as in Ditto
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(state[name])
-        return model
+    def evaluation_model(self, downlink: bytes, round_index: int) -> nn.Module:
+        return self._personal()
 
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "ditto": [None if s is None else {n: t.clone() for n, t in s.items()}
-                                                  for s in self.personal_models]}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        if self.personal_model is not None:
+            state.update({f"ditto.{n}": t.detach().clone() for n, t in self.personal_model.items()})
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.personal_models = [None if s is None else {n: t.clone() for n, t in s.items()} for s in state["ditto"]]
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        mine = {k[len("ditto."):]: v for k, v in state.items() if k.startswith("ditto.")}
+        super().load_state_dict({k: v for k, v in state.items() if not k.startswith("ditto.")})
+        if not mine:
+            self.personal_model = None
+            return
+        if set(mine) != set(self.models.names):
+            raise ValueError(f"client state: the personal model must hold {self.models.names}, got {sorted(mine)}")
+        for name, value in mine.items():
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != self.models.shapes[name]:
+                raise ValueError(f"client state ditto.{name} must be a tensor of shape {self.models.shapes[name]}")
+        self.personal_model = {n: v.to(self.device, self.models.dtypes[n]) for n, v in mine.items()}
+
+
+register("ditto", server=DittoServer, client=DittoClient, config=DittoConfig)

@@ -1,120 +1,144 @@
-"""FedAvg and the dense methods that split a model into a shared and a personal part.
+"""FedAvg, and the machinery of every method that federates part of a dense model.
 
 FedAvg: McMahan, Moore, Ramage, Hampson, Agüera y Arcas, "Communication-Efficient Learning of Deep Networks from
 Decentralized Data", AISTATS 2017 — dense local SGD, sample-weighted averaging, every client evaluated with the
 global model.
+
+The model's state entries (parameters *and* buffers such as BatchNorm's running statistics) are split into the
+shared ones (sent down, trained, sent up, averaged weighted by samples) and the personal ones (they stay on the
+client, checkpointed with the run). ``is_shared`` decides; with ``norm_layers=local`` the parameters and
+statistics of normalization layers are personal (FedBN: Li et al., ICLR 2021).
 """
 
 from __future__ import annotations
 
-import copy
+import functools
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from .. import comm
-from ..metrics import training_flops_per_sample
-from .base import Algorithm, ClientResult
+from .base import Client, Server, TrainMetrics, Upload, decode_dense, encode_dense, load_state
+from .registry import register
 
 
-class SplitFedAvg(Algorithm):
-    """Dense local training; the parameters for which ``is_shared(name)`` holds are sent down, trained, sent up and
-    averaged (weighted by samples); the rest stay on the client (its personal part, checkpointed with the run)."""
+class SharedEntries:
+    """Which state entries a method federates; a mixin of both halves (they must agree)."""
 
-    name = "split_fedavg"
+    @functools.cached_property
+    def local_norm_entries(self) -> set[str]:
+        return self.models.norm_entries() if self.config.norm_layers == "local" else set()
+
+    def is_shared(self, name: str) -> bool:
+        return name not in self.local_norm_entries
+
+    @functools.cached_property
+    def shared_names(self) -> list[str]:
+        return [n for n in self.models.names if self.is_shared(n)]
+
+    @functools.cached_property
+    def personal_names(self) -> list[str]:
+        shared = set(self.shared_names)
+        return [n for n in self.models.names if n not in shared]
+
+
+class FedAvgServer(SharedEntries, Server):
+    """Sends the shared entries of the global model; averages the uploads weighted by their samples."""
+
+    def downlink(self, client: int, round_index: int) -> bytes:
+        return encode_dense(self.global_model.state_dict(), self.shared_names)
+
+    def receive(self, upload: Upload) -> tuple[Upload, dict[str, torch.Tensor]]:
+        return upload, decode_dense(upload.payload, self.shared_names, self.models.shapes, self.device)
+
+    def aggregate(self, received: list[tuple[Upload, dict[str, torch.Tensor]]], round_index: int) -> None:
+        if not received or not self.shared_names:
+            return
+        total = float(sum(upload.metrics.samples for upload, _ in received))
+        sums = {n: torch.zeros(self.models.shapes[n], dtype=torch.float32, device=self.device)
+                for n in self.shared_names}
+        for upload, values in received:  # the server averages what it decoded
+            for name in self.shared_names:
+                sums[name] += (upload.metrics.samples / total) * values[name].reshape(sums[name].shape)
+        load_state(self.global_model, sums)
+
+
+class FedAvgClient(SharedEntries, Client):
+    """Trains the model made of the received shared entries and its own personal ones; uploads the shared."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.shared_names = [n for n, _ in self.global_model.named_parameters() if self.is_shared(n)]
-        shared = set(self.shared_names)
-        initial = {n: p.detach().clone() for n, p in self.global_model.named_parameters() if n not in shared}
-        self.personal_params: list[dict[str, torch.Tensor]] = [
-            {n: t.clone() for n, t in initial.items()} for _ in self.clients]
+        self.personal = {n: t.to(self.device) for n, t in self.models.initial_state(self.personal_names).items()}
 
-    def is_shared(self, name: str) -> bool:
-        return True
-
-    # ---------------------------------------------------------------------------------------------- pieces
-    def _payload(self, model: nn.Module) -> bytes:
-        params = dict(model.named_parameters())
-        return comm.encode([(params[n], None, False) for n in self.shared_names]) if self.shared_names else b""
-
-    def _load(self, model: nn.Module, payload: bytes, client: int) -> None:
-        """model = the shared values from `payload` + client's personal values."""
-        params = dict(model.named_parameters())
-        entries = comm.decode(payload) if payload else []
-        with torch.no_grad():
-            for name, entry in zip(self.shared_names, entries):
-                if entry.numel != params[name].numel():
-                    raise ValueError(f"payload tensor for {name} has {entry.numel} values, the model "
-                                     f"{params[name].numel()}")
-                params[name].copy_(entry.values.reshape(params[name].shape))
-            for name, value in self.personal_params[client].items():
-                params[name].copy_(value)
-
-    def received_model(self, client: int) -> tuple[nn.Module, bytes]:
-        """The model client `client` starts its round with, and the payload it received."""
-        payload = self._payload(self.global_model)
-        model = self.model_fn()
-        self._load(model, payload, client)
-        return model, payload
-
-    def keep_personal(self, model: nn.Module, client: int) -> None:
-        shared = set(self.shared_names)
-        self.personal_params[client] = {n: p.detach().clone() for n, p in model.named_parameters() if n not in shared}
-
-    # ---------------------------------------------------------------------------------------------- round
-    def client_round(self, client: int, round_index: int) -> ClientResult:
-        model, payload_down = self.received_model(client)
-        measure = self.measure_memory and client == self.sampled_clients(round_index)[0]
-        loss, seen, peak = self.local_train(model, client, round_index, self.learning_rate(round_index),
-                                            measure=measure)
-        self.keep_personal(model, client)
-        payload_up = self._payload(model)
-        flops = float(seen * training_flops_per_sample(model, self.input_shape))
-        return ClientResult(client, loss, seen, len(payload_up), len(payload_down), flops, peak,
-                            extra={"payload": payload_up})
-
-    def aggregate(self, results: list[ClientResult], round_index: int) -> None:
-        payloads = [r.extra.pop("payload") for r in results]
-        if not results or not self.shared_names:
-            return
-        params = dict(self.global_model.named_parameters())
-        total = float(sum(r.samples for r in results))
-        sums = {n: torch.zeros_like(params[n]) for n in self.shared_names}
-        for r, payload in zip(results, payloads):  # the server averages what it decoded
-            for name, entry in zip(self.shared_names, comm.decode(payload)):
-                sums[name] += (r.samples / total) * entry.values.reshape(params[name].shape)
-        with torch.no_grad():
-            for name in self.shared_names:
-                params[name].copy_(sums[name])
-
-    def personal_model(self, client: int) -> nn.Module:
-        model = copy.deepcopy(self.global_model)
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for name, value in self.personal_params[client].items():
-                params[name].copy_(value)
+    def received_model(self, downlink: bytes) -> nn.Module:
+        """The model = the shared values from `downlink` + this client's personal values."""
+        model = self.models.make(self.device)
+        load_state(model, decode_dense(downlink, self.shared_names, self.models.shapes, self.device))
+        load_state(model, self.personal)
         return model
 
-    # ---------------------------------------------------------------------------------------------- state
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "personal": [{n: t.clone() for n, t in p.items()} for p in self.personal_params]}
+    def keep_personal(self, model: nn.Module) -> None:
+        state = model.state_dict()
+        self.personal = {n: state[n].detach().clone() for n in self.personal_names}
 
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.personal_params = [{n: t.clone() for n, t in p.items()} for p in state["personal"]]
+    def upload(self, model: nn.Module) -> bytes:
+        return encode_dense(model.state_dict(), self.shared_names)
 
+    def round(self, downlink: bytes, round_index: int, *, measure_memory: bool = False) -> tuple[bytes, TrainMetrics]:
+        model = self.received_model(downlink)
+        metrics = self.train(model, round_index, measure_memory)
+        self.keep_personal(model)
+        return self.upload(model), metrics
 
-class FedAvg(SplitFedAvg):
-    """Everything shared: one global model."""
+    def train(self, model: nn.Module, round_index: int, measure_memory: bool) -> TrainMetrics:
+        """The local update (FedAvg: plain SGD); variants such as FedProx override this."""
+        return self.local_train(model, round_index, measure_memory=measure_memory)
 
-    name = "fedavg"
+    def evaluation_model(self, downlink: bytes, round_index: int) -> nn.Module:
+        return self.received_model(downlink)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"personal.{n}": t.detach().clone() for n, t in self.personal.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        expected = {f"personal.{n}" for n in self.personal_names}
+        extra = set(state) - expected
+        if extra or not expected <= set(state):
+            raise ValueError(f"client state must hold {sorted(expected)}, got {sorted(state)}")
+        personal = {}
+        for name in self.personal_names:
+            value = state[f"personal.{name}"]
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != self.models.shapes[name]:
+                raise ValueError(f"client state personal.{name} must be a tensor of shape "
+                                 f"{self.models.shapes[name]}")
+            personal[name] = value.to(self.device, self.models.dtypes[name])
+        self.personal = personal
 
 
 def last_linear_names(model: nn.Module) -> set[str]:
-    """Parameter names of the model's last Linear layer (its classifier head)."""
+    """State names of the model's last Linear layer (its classifier head)."""
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"{type(model).__name__} has no Linear layer to use as the head")
-    return {f"{linears[-1]}.{p}" for p, _ in model.get_submodule(linears[-1]).named_parameters()}
+    return {f"{linears[-1]}.{p}" for p in model.get_submodule(linears[-1]).state_dict()}
+
+
+class HeadPersonal(SharedEntries):
+    """The last Linear layer (the head) stays on the client: FedPer, FedRep."""
+
+    @functools.cached_property
+    def head_names(self) -> set[str]:
+        return last_linear_names(self.models.template)
+
+    def is_shared(self, name: str) -> bool:
+        return name not in self.head_names and super().is_shared(name)
+
+
+class HeadShared(HeadPersonal):
+    """Only the last Linear layer is federated: LG-FedAvg."""
+
+    def is_shared(self, name: str) -> bool:
+        return name in self.head_names and SharedEntries.is_shared(self, name)
+
+
+register("fedavg", server=FedAvgServer, client=FedAvgClient)

@@ -1,27 +1,35 @@
 """FedAvg with local fine-tuning (FedAvg-FT): FedAvg's global model, which each client fine-tunes on its own
-training data for ``finetune_epochs`` before it is evaluated — the standard personalized baseline (e.g. Wang et
+training data for ``fedavg_ft.epochs`` before it is evaluated — the standard personalized baseline (e.g. Wang et
 al., "Federated Evaluation of On-device Personalization", arXiv:1910.10252, 2019). The fine-tuning runs at
 evaluation time on every client; its cost is not part of the training FLOPs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from .base import FINETUNE
-from .fedavg import FedAvg
+from .fedavg import FedAvgClient, FedAvgServer
+from .registry import register
 
 
-class FedAvgFT(FedAvg):
-    name = "fedavg_ft"
+@dataclass
+class FedAvgFTConfig:
+    epochs: int = 1  # local fine-tuning epochs before evaluation
 
-    def run_round(self, round_index: int):
-        self.current_round = round_index
-        return super().run_round(round_index)
+    def validate(self) -> None:
+        if isinstance(self.epochs, bool) or self.epochs < 0:
+            raise ValueError(f"epochs must be an integer >= 0, got {self.epochs!r}")
 
-    def personal_model(self, client: int) -> nn.Module:
-        model = super().personal_model(client)
-        if self.config.finetune_epochs > 0:
-            round_index = getattr(self, "current_round", 0)
-            self.local_train(model, client, round_index, self.learning_rate(round_index),
-                             epochs=self.config.finetune_epochs, purpose=FINETUNE)
+
+class FedAvgFTClient(FedAvgClient):
+    def evaluation_model(self, downlink: bytes, round_index: int) -> nn.Module:
+        model = self.received_model(downlink)
+        epochs = self.config.fedavg_ft.epochs
+        if epochs > 0:
+            self.local_train(model, round_index, epochs=epochs, purpose=FINETUNE)
         return model
+
+
+register("fedavg_ft", server=FedAvgServer, client=FedAvgFTClient, config=FedAvgFTConfig)

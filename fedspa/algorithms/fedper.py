@@ -4,13 +4,16 @@ each client and is trained with the base."""
 
 from __future__ import annotations
 
-from .fedavg import SplitFedAvg, last_linear_names
+from .fedavg import FedAvgClient, FedAvgServer, HeadPersonal
+from .registry import register
 
 
-class FedPer(SplitFedAvg):
-    name = "fedper"
+class FedPerServer(HeadPersonal, FedAvgServer):
+    pass
 
-    def is_shared(self, name: str) -> bool:
-        if not hasattr(self, "_head"):
-            self._head = last_linear_names(self.global_model)
-        return name not in self._head
+
+class FedPerClient(HeadPersonal, FedAvgClient):
+    pass
+
+
+register("fedper", server=FedPerServer, client=FedPerClient)

@@ -1,252 +1,225 @@
 """FedSpa: personalized sparse masks, sparse-to-sparse local training, mask evolution, sparse aggregation.
 
 Huang, Liu, Shen, He, Lin, Tao, "Achieving Personalized Federated Learning with Sparse Local Models",
-arXiv:2201.11380 (2022); the defaults follow shared/fedspa.md (the sibling DisPFL code where the paper is silent):
+arXiv:2201.11380 (2022); where the paper is silent the defaults follow the same group's DisPFL code (ICML 2022):
 
-  1. The server keeps a dense global model and sends each sampled client only the global values at the client's
-     active positions (the positions themselves only the first time: afterwards the server knows the client's
-     mask from its last upload).
-  2. The client trains only its active weights: its Linear/Conv2d layers are SparseLinear/SparseConv2d on
-     fedspa_kernels (``fedspa.execution = sparse``); ``dense_masked`` runs dense weights times the mask instead,
-     as most FL code does, to measure what the sparse path saves. 1-D tensors stay dense.
-  3. After local training the client updates its mask (every ``mask_update_interval`` rounds): each layer drops
-     round(alpha_t * nnz_l) active weights of smallest |w| and regrows as many inactive positions, by a random
-     score (default) or |gradient| of one dense minibatch; alpha_t anneals with a cosine; regrown weights start
-     at 0 (or at the global value). One fedspa_kernels.prune_regrow call covers every layer.
-  4. The client uploads its values at its new mask and the mask (bitmap or int32 positions, the smaller).
-  5. The server aggregates with one fedspa_kernels scatter-add call over all sampled clients and all sparse
+  1. The server keeps a dense global model and every client's mask (random, ERK densities, per client seed). It
+     sends each sampled client only the global values at the client's mask (the positions too until the server
+     has accepted an upload carrying them), plus the dense entries (biases, normalization parameters and
+     statistics) whole.
+  2. The client trains only its active weights: weights that a sparse layer supports (``nn.Linear``, ``nn.Conv2d``
+     with groups = 1) run on SparseLinear/SparseConv2d (``fedspa.execution = sparse``, for layers at most
+     ``fedspa.sparse_max_density`` dense); every other masked weight (a depthwise conv, an Embedding,
+     ``MultiheadAttention``'s packed projection, denser layers) runs as the dense weight times its mask.
+     ``dense_masked`` runs every masked weight that way, as most FL code does, to measure what the sparse path
+     saves.
+  3. After local training the client updates its mask (every ``mask_update_interval`` rounds): each tensor drops
+     round(alpha_t * nnz) active weights of smallest |w| and regrows as many inactive positions, by a random score
+     (default) or |gradient| of one dense minibatch; alpha_t anneals with a cosine. One fedspa_kernels.prune_regrow
+     call covers every tensor.
+  4. The client uploads its values at its new mask with the mask (bitmap or int32 positions, the smaller); the
+     regrown positions carry 0 (``regrown_init = zero``) or, for ``global``, the server fills them with its
+     current value (the value a client would have fetched).
+  5. The server aggregates with one fedspa_kernels scatter-add call over all sampled clients and all masked
      tensors: ``holders`` (default) averages each position over the clients holding it and keeps the previous
-     value where nobody does; ``mean`` adds the average of the sparse updates m_k * (w_k - w).
-  6. Client k's personal model is the global model times its mask.
+     value where nobody does; ``mean`` adds the average of the sparse updates m_k * (w_k - w). Dense entries are
+     averaged.
+  6. Client k's personal model is the global model times its mask (with its own normalization layers under
+     ``norm_layers = local``).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fedspa_kernels as fk
 
 from .. import comm
-from ..masks import client_generator, layer_densities, random_masks, sparsifiable_shapes
-from ..metrics import forward_flops, training_flops_per_sample
-from ..nn import SparseConv2d, SparseLinear, sparsify
+from ..config import ExperimentConfig
+from ..masks import client_generator, layer_densities, maskable_parameters, random_masks
+from ..metrics import flop_counter_mode
+from ..nn import apply_masks, masked_weight_values, why_not_sparse
 from ..schedule import drop_counts, drop_fraction
-from .base import INIT, REGROW, SHUFFLE, Algorithm, ClientResult
+from .base import INIT, REGROW, Client, Server, TrainMetrics, Upload, check_finite, load_state
+from .registry import register
+
+log = logging.getLogger("fedspa")
+
+MASK_INITS = ("erk", "uniform")
+REGROWTHS = ("random", "gradient")
+AGGREGATIONS = ("holders", "mean")
+REGROWN_INITS = ("zero", "global")
+EXECUTIONS = ("sparse", "dense_masked")
 
 
-class FedSpa(Algorithm):
-    name = "fedspa"
+@dataclass
+class FedSpaConfig:
+    """The sparse-training settings (FedSpa's, also read by Sub-FedAvg)."""
 
+    density: float = 0.1  # overall density of the masked weights
+    mask_init: str = "erk"
+    drop_fraction: float = 0.5  # alpha_0 of the cosine schedule
+    mask_update_interval: int = 1  # rounds between mask updates
+    regrowth: str = "random"
+    regrown_init: str = "zero"
+    aggregation: str = "holders"
+    weighted_aggregation: bool = False  # weight clients by their data size
+    execution: str = "sparse"  # dense_masked: dense weights x mask, the comparison most FL code runs
+    sparse_max_density: float = 0.5  # sparse execution: denser layers run as dense weights x mask (break-even)
+
+    def validate(self) -> None:
+        for name, value, allowed in (("mask_init", self.mask_init, MASK_INITS), ("regrowth", self.regrowth, REGROWTHS),
+                                     ("aggregation", self.aggregation, AGGREGATIONS),
+                                     ("regrown_init", self.regrown_init, REGROWN_INITS),
+                                     ("execution", self.execution, EXECUTIONS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must lie in (0, 1], got {self.density}")
+        if not 0.0 <= self.drop_fraction <= 1.0:
+            raise ValueError(f"drop_fraction must lie in [0, 1], got {self.drop_fraction}")
+        if not 0.0 <= self.sparse_max_density <= 1.0:
+            raise ValueError(f"sparse_max_density must lie in [0, 1], got {self.sparse_max_density}")
+        if isinstance(self.mask_update_interval, bool) or self.mask_update_interval < 1:
+            raise ValueError(f"mask_update_interval must be an integer >= 1, got {self.mask_update_interval!r}")
+
+
+class SparseLayout:
+    """What both halves agree on: the masked tensors, their densities, the entries that travel, in order."""
+
+    def _init_layout(self) -> None:
+        cfg = self.config.fedspa
+        personal = self.models.norm_entries() if self.config.norm_layers == "local" else set()
+        self.mask_shapes = {n: s for n, s in maskable_parameters(self.models.template).items() if n not in personal}
+        self.densities = layer_densities(self.mask_shapes, cfg.density, cfg.mask_init)
+        self.wire_names = [n for n in self.models.names if n not in personal]  # what travels, in order
+        self.personal_names = [n for n in self.models.names if n in personal]
+
+
+@dataclass
+class Received:
+    """A checked FedSpa upload: per travelling entry its values (and positions, for masked tensors)."""
+
+    client: int
+    samples: int
+    values: dict[str, torch.Tensor]
+    positions: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+
+
+class FedSpaServer(SparseLayout, Server):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        cfg = self.config.fedspa
-        self.shapes = sparsifiable_shapes(self.global_model)  # module name -> weight shape
-        self.densities = layer_densities(self.shapes, cfg.density, cfg.mask_init)
-        self.masks = [random_masks(self.shapes, self.densities, client_generator(self.config.seed, k, INIT))
-                      for k in range(len(self.clients))]
-        self.server_knows_mask = [False] * len(self.clients)  # the first downlink carries the positions
-        self.sparse_params = [f"{name}.weight" for name in self.shapes]
-        self._flops_cache: dict[int, int] = {}
+        self._init_layout()
+        self.masks = [self.initial_masks(k) for k in range(self.num_clients)]
+        self.server_knows_mask = [False] * self.num_clients  # until then every downlink carries the positions
 
-    # ---------------------------------------------------------------------------------------------- pieces
-    def _downlink(self, client: int) -> tuple[bytes, list[comm.Entry]]:
+    def initial_masks(self, client: int) -> dict[str, torch.Tensor]:
+        return random_masks(self.mask_shapes, self.densities, client_generator(self.config.seed, client, INIT),
+                            self.device)
+
+    # ---------------------------------------------------------------------------------------------- protocol
+    def downlink(self, client: int, round_index: int) -> bytes:
+        state = self.global_model.state_dict()
         masks = self.masks[client]
-        items, known = [], []
-        for name, param in self.global_model.named_parameters():
-            module = name[: -len(".weight")] if name.endswith(".weight") else None
-            if module in masks:
-                items.append((param, masks[module], self.server_knows_mask[client]))
-                known.append(masks[module].reshape(-1).nonzero().squeeze(1))
-            else:
-                items.append((param, None, False))
-                known.append(None)
-        payload = comm.encode(items)
-        return payload, comm.decode(payload, known)
+        return comm.encode([(state[n], masks[n], self.server_knows_mask[client]) if n in masks
+                            else (state[n], None, False) for n in self.wire_names])
 
-    def _client_model(self, client: int, entries: list[comm.Entry]) -> nn.Module:
-        """The client's model built from what it received: sparse layers, or dense weights x mask."""
-        model = self.model_fn()
-        with torch.no_grad():
-            for (name, param), entry in zip(model.named_parameters(), entries):
-                flat = torch.zeros(param.numel()) if entry.positions is not None else None
-                if flat is None:
-                    param.copy_(entry.values.reshape(param.shape))
-                else:
-                    flat[entry.positions] = entry.values
-                    param.copy_(flat.reshape(param.shape))
-        sparse = {name: self.masks[client][name] for name in self._sparse_layers(client)}
-        return sparsify(model, sparse, inplace=True) if sparse else model
+    def expected_nnz(self, client: int, name: str) -> int:
+        """The number of active weights client `client` must upload for tensor `name` (FedSpa: unchanged)."""
+        return int(self.masks[client][name].count_nonzero())
 
-    def _sparse_layers(self, client: int) -> list[str]:
-        """The layers client `client` runs on sparse kernels: all of them in sparse execution, except layers whose
-        mask is denser than ``fedspa.sparse_max_density`` (where the sparse format costs more than it saves; an
-        all-ones mask, e.g. a layer ERK keeps dense, runs as an ordinary layer); none in dense-masked execution."""
-        cfg = self.config.fedspa
-        if cfg.execution == "dense_masked":
-            return []
-        return [name for name, m in self.masks[client].items()
-                if float(m.float().mean()) <= cfg.sparse_max_density and not bool(m.all())]
+    def check_new_mask(self, client: int, name: str, mask: torch.Tensor) -> None:
+        """Further rules a client's new mask must follow (Sub-FedAvg: only pruning)."""
 
-    def _dense_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Module name -> the current dense-shaped weight (zeros off the mask)."""
-        out = {}
-        for name in self.shapes:
-            layer = model.get_submodule(name)
-            if isinstance(layer, (SparseLinear, SparseConv2d)):
-                out[name] = layer.weight.dense().detach().reshape(self.shapes[name])
-            else:
-                out[name] = layer.weight.detach().clone()
-        return out
+    def receive(self, upload: Upload) -> Received:
+        k = upload.client
+        if not 0 <= k < self.num_clients:
+            raise ValueError(f"client {k} is not part of this federation of {self.num_clients}")
+        entries = comm.decode(upload.payload)
+        if len(entries) != len(self.wire_names):
+            raise ValueError(f"{len(entries)} tensors in the payload, the model has {len(self.wire_names)}")
+        values, positions, masks = {}, {}, {}
+        for name, entry in zip(self.wire_names, entries):
+            numel = math.prod(self.models.shapes[name])
+            if entry.numel != numel:
+                raise ValueError(f"{name} has {entry.numel} elements in the payload, the model {numel}")
+            if name in self.mask_shapes:
+                if entry.positions is None:
+                    raise ValueError(f"{name} was sent without positions")
+                expected = self.expected_nnz(k, name)
+                if entry.positions.numel() != expected:
+                    raise ValueError(f"{name} has {entry.positions.numel()} active weights, the client's mask "
+                                     f"{expected}")
+                position = entry.positions.to(self.device)
+                mask = torch.zeros(numel, dtype=torch.bool, device=self.device)
+                mask[position] = True
+                mask = mask.reshape(self.mask_shapes[name])
+                self.check_new_mask(k, name, mask)
+                positions[name], masks[name] = position, mask
+            elif entry.kind != comm.DENSE or entry.values.numel() != numel:
+                raise ValueError(f"{name} must be sent dense with {numel} values")
+            check_finite(name, entry.values)
+            values[name] = entry.values.to(self.device)
+        return Received(k, upload.metrics.samples, values, positions, masks)
 
-    def _gradient_scores(self, client: int, trained_model: nn.Module, weights: dict[str, torch.Tensor],
-                         round_index: int) -> dict[str, torch.Tensor]:
-        """|dense gradient| of one minibatch at the current (masked) weights: RigL's regrowth score."""
-        model = self.model_fn()
-        params = dict(model.named_parameters())
-        trained = dict(trained_model.named_parameters())
-        with torch.no_grad():
-            for name, param in params.items():
-                module = name[: -len(".weight")] if name.endswith(".weight") else None
-                if module in weights:
-                    param.copy_(weights[module])
-                elif name in trained:
-                    param.copy_(trained[name])
-        data = self.clients[client]
-        order = torch.randperm(data.num_train, generator=client_generator(self.config.seed, client, REGROW, round_index))
-        batch = order[: self.config.batch_size]
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(data.train_x[batch]), data.train_y[batch]).backward()
-        return {name: model.get_submodule(name).weight.grad.abs() for name in self.shapes}
-
-    def _flops_per_sample(self, model: nn.Module) -> int:
-        return training_flops_per_sample(model, self.input_shape)
-
-    def update_masks(self, client: int, model: nn.Module, weights: dict[str, torch.Tensor],
-                     round_index: int) -> tuple[dict[str, torch.Tensor], int, float]:
-        """FedSpa's mask update after local training (prune smallest |w|, regrow as many, cosine-annealed count).
-        Updates `weights` in place (zero off the new mask); returns (new masks, extra downlink bytes, extra FLOPs)."""
-        cfg = self.config
-        masks = self.masks[client]
-        interval = cfg.fedspa.mask_update_interval
-        fraction = drop_fraction(round_index, cfg.rounds, cfg.fedspa.drop_fraction) if round_index % interval == 0 else 0.0
-        if fraction <= 0:
-            return masks, 0, 0.0
-        names = list(self.shapes)
-        extra_down, extra_flops = 0, 0.0
-        if cfg.fedspa.regrowth == "gradient":
-            scores = self._gradient_scores(client, model, weights, round_index)
-            extra_flops = 3.0 * forward_flops(self.model_fn(), torch.zeros(cfg.batch_size, *self.input_shape))
-        else:
-            generator = client_generator(cfg.seed, client, REGROW, round_index)
-            scores = {name: torch.rand(self.shapes[name], generator=generator) for name in names}
-        counts = drop_counts([int(masks[n].sum()) for n in names], [masks[n].numel() for n in names], fraction)
-        result = fk.prune_regrow([weights[n] for n in names], [masks[n] for n in names],
-                                 [scores[n] for n in names], counts, return_indices=True)
-        new_masks = dict(zip(names, result.masks))
-        for i, name in enumerate(names):
-            w = weights[name] * new_masks[name]  # regrown weights start at 0
-            if cfg.fedspa.regrown_init == "global":
-                flat = w.reshape(-1)
-                flat[result.regrown[i]] = self.global_model.get_submodule(name).weight.detach().reshape(-1)[
-                    result.regrown[i]]
-                extra_down += 4 * result.regrown[i].numel()  # the client fetches those values
-            weights[name] = w
-        return new_masks, extra_down, extra_flops
-
-    # ---------------------------------------------------------------------------------------------- round
-    def client_round(self, client: int, round_index: int) -> ClientResult:
-        cfg = self.config
-        lr = self.learning_rate(round_index)
-        payload_down, entries = self._downlink(client)
-        model = self._client_model(client, entries)
-        masks = self.masks[client]
-        after_backward = after_step = None
-        sparse_layers = set(self._sparse_layers(client))
-        masked = [name for name in self.shapes if name not in sparse_layers and not bool(masks[name].all())]
-        if masked:  # dense weights x mask: gradients and weights outside the mask are zeroed every step
-            layers = {name: model.get_submodule(name) for name in masked}
-
-            def after_backward():
-                for name, layer in layers.items():
-                    if layer.weight.grad is not None:
-                        layer.weight.grad.mul_(masks[name])
-
-            def after_step():
-                with torch.no_grad():
-                    for name, layer in layers.items():
-                        layer.weight.mul_(masks[name])
-
-        measure = self.measure_memory and client == self.sampled_clients(round_index)[0]
-        loss, seen, peak = self.local_train(model, client, round_index, lr, after_backward=after_backward,
-                                            after_step=after_step, purpose=SHUFFLE, measure=measure)
-        flops = float(seen * self._flops_per_sample(model))
-        weights = self._dense_weights(model)
-        new_masks, extra_down, extra_flops = self.update_masks(client, model, weights, round_index)
-        flops += extra_flops
-        # uplink: values at the new mask and its positions; dense tensors whole
-        items = []
-        trained = dict(model.named_parameters())
-        for name, param in self.global_model.named_parameters():
-            module = name[: -len(".weight")] if name.endswith(".weight") else None
-            if module in new_masks:
-                items.append((weights[module], new_masks[module], False))
-            else:
-                items.append((trained[name].detach(), None, False))
-        payload_up = comm.encode(items)
-        return ClientResult(client, loss, seen, len(payload_up), len(payload_down) + extra_down, flops, peak,
-                            extra={"payload": payload_up, "masks": new_masks})
-
-    def aggregate(self, results: list[ClientResult], round_index: int) -> None:
-        if not results:
+    def aggregate(self, received: list[Received], round_index: int) -> None:
+        if not received:
             return
         cfg = self.config.fedspa
-        params = dict(self.global_model.named_parameters())
-        sparse = [name for name in self.sparse_params]
+        state = self.global_model.state_dict()
+        sparse = list(self.mask_shapes)
         offsets, total = {}, 0
         for name in sparse:
             offsets[name] = total
-            total += params[name].numel()
-        decoded = [comm.decode(r.extra["payload"]) for r in results]  # the server works on what was sent
-        names = [name for name, _ in self.global_model.named_parameters()]
-        position = {name: i for i, name in enumerate(names)}
-        indices, values = [], []
-        for entries in decoded:
-            indices.append(torch.cat([entries[position[n]].positions + offsets[n] for n in sparse]))
-            values.append(torch.cat([entries[position[n]].values for n in sparse]))
-        weights = [float(r.samples) for r in results] if cfg.weighted_aggregation else None
+            total += state[name].numel()
         with torch.no_grad():
-            previous = torch.cat([params[n].detach().reshape(-1) for n in sparse])
-            if cfg.aggregation == "holders":
-                merged = fk.scatter_add_average(indices, values, previous, weights)
-            else:  # mean of the sparse updates: w + (1/S) sum_k m_k (w_k - w)
-                deltas = [v - previous[i] for i, v in zip(indices, values)]
-                scale = [1.0 / len(results)] * len(results)
-                step, _ = fk.scatter_add_aggregate(indices, deltas, previous.numel(), scale)
-                merged = previous + step
-            for name in sparse:
-                params[name].copy_(merged[offsets[name]:offsets[name] + params[name].numel()].reshape(params[name].shape))
-            share = [float(r.samples) if cfg.weighted_aggregation else 1.0 for r in results]
-            for name in names:
+            previous = torch.cat([state[n].detach().reshape(-1).float() for n in sparse]) if sparse else None
+            indices, values = [], []
+            for r in received:
+                client_values = []
+                for name in sparse:
+                    v = r.values[name]
+                    if cfg.regrown_init == "global":  # regrown positions start at the global value
+                        regrown = ~self.masks[r.client][name].reshape(-1)[r.positions[name]]
+                        v = torch.where(regrown, previous[offsets[name] + r.positions[name]], v)
+                    client_values.append(v)
+                if sparse:
+                    indices.append(torch.cat([r.positions[n] + offsets[n] for n in sparse]))
+                    values.append(torch.cat(client_values))
+            weights = [float(r.samples) for r in received] if cfg.weighted_aggregation else None
+            merged = {}
+            if sparse:
+                if cfg.aggregation == "holders":
+                    flat = fk.scatter_add_average(indices, values, previous, weights)
+                else:  # mean of the sparse updates: w + (1/S) sum_k m_k (w_k - w)
+                    deltas = [v - previous[i] for i, v in zip(indices, values)]
+                    scale = [1.0 / len(received)] * len(received)
+                    step, _ = fk.scatter_add_aggregate(indices, deltas, previous.numel(), scale)
+                    flat = previous + step
+                merged = {n: flat[offsets[n]:offsets[n] + state[n].numel()] for n in sparse}
+            share = torch.tensor([float(r.samples) if cfg.weighted_aggregation else 1.0 for r in received],
+                                 dtype=torch.float32, device=self.device)
+            for name in self.wire_names:
                 if name in offsets:
                     continue
-                stacked = torch.stack([entries[position[name]].values for entries in decoded])
-                weight = torch.tensor(share).reshape(-1, *([1] * (stacked.dim() - 1)))
-                params[name].copy_(((stacked * weight).sum(0) / sum(share)).reshape(params[name].shape))
-        for r in results:
-            self.masks[r.client] = r.extra.pop("masks")
+                stacked = torch.stack([r.values[name] for r in received])
+                merged[name] = (stacked * share.reshape(-1, *([1] * (stacked.dim() - 1)))).sum(0) / share.sum()
+            load_state(self.global_model, merged)
+        for r in received:
+            self.masks[r.client] = r.masks
             self.server_knows_mask[r.client] = True
-            r.extra.pop("payload")
 
-    def personal_model(self, client: int) -> nn.Module:
-        model = copy.deepcopy(self.global_model)
-        with torch.no_grad():
-            for name, mask in self.masks[client].items():
-                model.get_submodule(name).weight.mul_(mask)
-        return model
+    def drop(self, client: int) -> None:
+        # the client may hold a mask the server never accepted: the next downlink carries the positions again
+        self.server_knows_mask[client] = False
 
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -255,5 +228,200 @@ class FedSpa(Algorithm):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.masks = [{n: m.clone() for n, m in masks.items()} for masks in state["masks"]]
-        self.server_knows_mask = list(state["server_knows_mask"])
+        self.masks = [{n: m.to(self.device) for n, m in masks.items()} for masks in state["masks"]]
+        self.server_knows_mask = [bool(v) for v in state["server_knows_mask"]]
+
+
+class FedSpaClient(SparseLayout, Client):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_layout()
+        self.mask: dict[str, torch.Tensor] | None = None  # learnt from the first downlink
+        self.personal = {n: t.to(self.device) for n, t in self.models.initial_state(self.personal_names).items()}
+        self._sparse_runs: bool | None = None  # does this model run with sparse layers? (probed once)
+
+    # ---------------------------------------------------------------------------------------------- pieces
+    def received_model(self, downlink: bytes) -> nn.Module:
+        """The dense model the server sent: the global values at this client's mask, zeros elsewhere; adopts the
+        mask when the server sent positions."""
+        known = None
+        if self.mask is not None:
+            known = [self.mask[n].reshape(-1).nonzero().squeeze(1).cpu() if n in self.mask_shapes else None
+                     for n in self.wire_names]
+        entries = comm.decode(downlink, known)
+        if len(entries) != len(self.wire_names):
+            raise ValueError(f"{len(entries)} tensors in the downlink, the model has {len(self.wire_names)}")
+        model = self.models.make(self.device)
+        state = model.state_dict()
+        values, mask = {}, dict(self.mask or {})
+        for name, entry in zip(self.wire_names, entries):
+            target = state[name]
+            if entry.numel != target.numel():
+                raise ValueError(f"{name} has {entry.numel} elements in the downlink, the model {target.numel()}")
+            if name in self.mask_shapes:
+                if entry.positions is None:
+                    raise ValueError(f"{name} was sent without positions")
+                position = entry.positions.to(self.device)
+                if entry.kind != comm.VALUES:  # the server tells us our mask
+                    flat_mask = torch.zeros(target.numel(), dtype=torch.bool, device=self.device)
+                    flat_mask[position] = True
+                    mask[name] = flat_mask.reshape(target.shape)
+                flat = torch.zeros(target.numel(), dtype=target.dtype, device=self.device)
+                flat[position] = entry.values.to(self.device, target.dtype)
+                values[name] = flat
+            else:
+                values[name] = entry.values
+        load_state(model, values)
+        load_state(model, self.personal)
+        self.mask = mask
+        return model
+
+    def _densified(self, model: nn.Module) -> nn.Module:
+        """A plain dense copy of `model` however it runs (masked weights zero off the mask, everything else as is)."""
+        dense = self.models.make(self.device)
+        weights = masked_weight_values(model, list(self.mask_shapes))
+        state = model.state_dict()
+        load_state(dense, {**{n: state[n] for n in self.models.names if n not in weights}, **weights})
+        return dense
+
+    def _execute(self, model: nn.Module) -> nn.Module:
+        """`model` made ready to train at this client's mask, in place: sparse layers where they pay and work,
+        dense weights x mask for the other masked weights."""
+        cfg = self.config.fedspa
+        sparse = cfg.execution == "sparse" and self._sparse_runs is not False
+        plan = apply_masks(model, self.mask, sparse=sparse, sparse_max_density=cfg.sparse_max_density)
+        if sparse and self._sparse_runs is None and "sparse" in plan.values():
+            self._sparse_runs = self._probe(model)
+            if not self._sparse_runs:
+                model = self._densified(model)
+                plan = apply_masks(model, self.mask, sparse=False)
+        if cfg.execution == "sparse":
+            _report_masked_without_kernel(self.models.template, plan, self.mask, cfg.sparse_max_density)
+        return model
+
+    def _probe(self, model: nn.Module) -> bool:
+        """One forward/backward of two samples on a copy: False (logged once) when the model's code does not work
+        with sparse layers (e.g. a module that reads a child Linear's ``.weight`` tensor itself)."""
+        x, y = self.data.train_x[:2], self.data.train_y[:2]
+        try:
+            self.loss_fn(copy.deepcopy(model).train()(x), y).backward()
+            return True
+        except Exception as exc:  # noqa: BLE001  (whatever the user's model raises)
+            dense = self._densified(model)
+            apply_masks(dense, self.mask, sparse=False)
+            self.loss_fn(dense(x), y).backward()  # a model that fails dense too: its own error surfaces here
+            _log_once(f"fedspa: {type(self.models.template).__name__} does not run with sparse layers "
+                      f"({type(exc).__name__}: {exc}); every masked weight runs as dense weights x mask")
+            return False
+
+    def _gradient_scores(self, model: nn.Module, round_index: int) -> tuple[dict[str, torch.Tensor], float]:
+        """|dense gradient| of one minibatch at the current (masked) weights: RigL's regrowth score, and its FLOPs."""
+        dense = self._densified(model)
+        data = self.data
+        order = torch.randperm(data.num_train, device="cpu",
+                               generator=client_generator(self.config.seed, self.client_id, REGROW, round_index))
+        batch = order[: self.config.batch_size].to(self.device)
+        dense.zero_grad(set_to_none=True)
+        with flop_counter_mode() as counter:
+            logits = dense(data.train_x[batch])
+        self.loss_fn(logits, data.train_y[batch]).backward()
+        params = dict(dense.named_parameters())
+        return {n: params[n].grad.abs() for n in self.mask_shapes}, 3.0 * counter.get_total_flops()
+
+    def update_masks(self, model: nn.Module, weights: dict[str, torch.Tensor],
+                     round_index: int) -> tuple[dict[str, torch.Tensor], float]:
+        """FedSpa's mask update after local training (prune smallest |w|, regrow as many, cosine-annealed count).
+        Returns the new masks and the extra training FLOPs it cost."""
+        cfg = self.config
+        masks = self.mask
+        interval = cfg.fedspa.mask_update_interval
+        fraction = drop_fraction(round_index, cfg.rounds, cfg.fedspa.drop_fraction) if round_index % interval == 0 \
+            else 0.0
+        names = list(self.mask_shapes)
+        if fraction <= 0 or not names:
+            return masks, 0.0
+        extra_flops = 0.0
+        if cfg.fedspa.regrowth == "gradient":
+            scores, extra_flops = self._gradient_scores(model, round_index)
+        else:
+            generator = client_generator(cfg.seed, self.client_id, REGROW, round_index)
+            scores = {n: torch.rand(self.mask_shapes[n], generator=generator, device="cpu").to(self.device)
+                      for n in names}
+        counts = drop_counts([int(masks[n].count_nonzero()) for n in names], [masks[n].numel() for n in names],
+                             fraction)
+        new = fk.prune_regrow([weights[n] for n in names], [masks[n] for n in names], [scores[n] for n in names],
+                              counts)
+        return dict(zip(names, new)), extra_flops
+
+    # ---------------------------------------------------------------------------------------------- protocol
+    def round(self, downlink: bytes, round_index: int, *, measure_memory: bool = False) -> tuple[bytes, TrainMetrics]:
+        model = self._execute(self.received_model(downlink))
+        metrics = self.local_train(model, round_index, measure_memory=measure_memory)
+        weights = masked_weight_values(model, list(self.mask_shapes))
+        new_masks, extra_flops = self.update_masks(model, weights, round_index)
+        metrics.flops += extra_flops
+        state = model.state_dict()
+        # uplink: the trained values at the new mask (regrown positions carry 0) and its positions; dense whole
+        payload = comm.encode([(weights[n], new_masks[n], False) if n in new_masks else (state[n], None, False)
+                               for n in self.wire_names])
+        self.personal = {n: state[n].detach().clone() for n in self.personal_names}
+        self.mask = new_masks
+        return payload, metrics
+
+    def evaluation_model(self, downlink: bytes, round_index: int) -> nn.Module:
+        return self.received_model(downlink)  # w * m_k, dense
+
+    # ---------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"personal.{n}": t.detach().clone() for n, t in self.personal.items()}
+        if self.mask is not None:
+            state.update({f"mask.{n}": m.clone() for n, m in self.mask.items()})
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        masks = {k[len("mask."):]: v for k, v in state.items() if k.startswith("mask.")}
+        personal = {k[len("personal."):]: v for k, v in state.items() if k.startswith("personal.")}
+        unknown = set(state) - {f"mask.{n}" for n in masks} - {f"personal.{n}" for n in personal}
+        if unknown or set(personal) != set(self.personal_names) or (masks and set(masks) != set(self.mask_shapes)):
+            raise ValueError(f"client state must hold mask.<name> for {sorted(self.mask_shapes)} (or none) and "
+                             f"personal.<name> for {self.personal_names}; got {sorted(state)}")
+        for name, mask in masks.items():
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
+                    tuple(mask.shape) != self.mask_shapes[name]:
+                raise ValueError(f"client state mask.{name} must be a bool tensor of shape {self.mask_shapes[name]}")
+        for name, value in personal.items():
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != self.models.shapes[name]:
+                raise ValueError(f"client state personal.{name} must be a tensor of shape {self.models.shapes[name]}")
+        self.mask = {n: m.to(self.device) for n, m in masks.items()} if masks else None
+        self.personal = {n: v.to(self.device, self.models.dtypes[n]) for n, v in personal.items()}
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.warning(message)
+
+
+def _report_masked_without_kernel(template: nn.Module, plan: dict[str, str], masks: dict[str, torch.Tensor],
+                                  sparse_max_density: float) -> None:
+    """One logged line naming the masked weights that would run sparse if a sparse layer existed for them."""
+    missing = []
+    for name, how in plan.items():
+        if how == "masked" and int(masks[name].count_nonzero()) <= sparse_max_density * masks[name].numel():
+            module_name, _, attr = name.rpartition(".")
+            module = template.get_submodule(module_name) if module_name else template
+            missing.append(f"{name} ({why_not_sparse(module, attr)})")
+    if missing:
+        _log_once(f"fedspa: no sparse kernel for {', '.join(missing)}: "
+                  f"{'it runs' if len(missing) == 1 else 'they run'} as dense weights x mask")
+
+
+def sparse_summary(config: ExperimentConfig) -> dict:
+    return {"execution": config.fedspa.execution, "density": config.fedspa.density}
+
+
+register("fedspa", server=FedSpaServer, client=FedSpaClient, config=FedSpaConfig, executions=EXECUTIONS,
+         summary=sparse_summary)

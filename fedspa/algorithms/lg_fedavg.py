@@ -4,13 +4,16 @@ representation layers; only the global head (here the last Linear layer) is fede
 
 from __future__ import annotations
 
-from .fedavg import SplitFedAvg, last_linear_names
+from .fedavg import FedAvgClient, FedAvgServer, HeadShared
+from .registry import register
 
 
-class LGFedAvg(SplitFedAvg):
-    name = "lg_fedavg"
+class LGFedAvgServer(HeadShared, FedAvgServer):
+    pass
 
-    def is_shared(self, name: str) -> bool:
-        if not hasattr(self, "_head"):
-            self._head = last_linear_names(self.global_model)
-        return name in self._head
+
+class LGFedAvgClient(HeadShared, FedAvgClient):
+    pass
+
+
+register("lg_fedavg", server=LGFedAvgServer, client=LGFedAvgClient)

@@ -3,11 +3,21 @@ floor that personalized FL must beat (e.g. Ditto and FedSpa's tables list it as 
 
 from __future__ import annotations
 
-from .fedavg import SplitFedAvg
+from .fedavg import FedAvgClient, FedAvgServer, SharedEntries
+from .registry import register
 
 
-class Local(SplitFedAvg):
-    name = "local"
-
+class NothingShared(SharedEntries):
     def is_shared(self, name: str) -> bool:
         return False
+
+
+class LocalServer(NothingShared, FedAvgServer):
+    pass
+
+
+class LocalClient(NothingShared, FedAvgClient):
+    pass
+
+
+register("local", server=LocalServer, client=LocalClient)

@@ -1,40 +1,69 @@
 """Sub-FedAvg (unstructured): Vahidian, Morafah, Lin, "Personalized Federated Learning by Structured and
 Unstructured Pruning under Data Heterogeneity", ICDCS Workshops 2021 (arXiv:2105.00562).
 
-Every client starts dense and, after each local update, prunes ``fedspa.prune_rate`` of its remaining weights per
-layer by magnitude (no regrowth) until the layer reaches its target density (``fedspa.density`` spread over the
-layers like FedSpa's, ERK by default). The server averages every weight over the clients whose masks hold it, and
-client k is evaluated with the global model times its mask — the same machinery as FedSpa (sparse payloads, sparse
-layers once a mask is sparse). Simplification: the paper prunes only while the client's validation accuracy
-exceeds a threshold; here pruning follows the fixed schedule.
+Every client starts dense and, after each local update, prunes ``sub_fedavg.prune_rate`` of its remaining weights
+per tensor by magnitude (no regrowth) until the tensor reaches its target density (``fedspa.density`` spread over
+the tensors like FedSpa's, ERK by default). The server averages every weight over the clients whose masks hold it,
+and client k is evaluated with the global model times its mask — FedSpa's machinery (sparse payloads, sparse layers
+once a mask is sparse, ``fedspa.execution``). Simplification: the paper prunes only while the client's validation
+accuracy exceeds a threshold; here pruning follows the fixed schedule.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .fedspa import FedSpa
+from ..masks import target_nnz
+from .fedspa import EXECUTIONS, FedSpaClient, FedSpaServer, sparse_summary
+from .registry import register
 
 
-class SubFedAvg(FedSpa):
-    name = "sub_fedavg"
+@dataclass
+class SubFedAvgConfig:
+    prune_rate: float = 0.05  # fraction of the remaining weights pruned per round until the target density
 
+    def validate(self) -> None:
+        if not 0.0 <= self.prune_rate < 1.0:
+            raise ValueError(f"prune_rate must lie in [0, 1), got {self.prune_rate}")
+
+
+def pruned_nnz(nnz: int, target: int, rate: float) -> int:
+    """The nnz after one pruning step: round(rate * nnz) fewer, never below the target."""
+    drop = min(int(round(rate * nnz)), nnz - target)
+    return nnz - drop if drop > 0 else nnz
+
+
+class SubFedAvgServer(FedSpaServer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.masks = [{n: torch.ones(s, dtype=torch.bool) for n, s in self.shapes.items()} for _ in self.clients]
-        self.target_nnz = {n: max(1, round(self.densities[n] * math.prod(s))) for n, s in self.shapes.items()}
+        self.targets = target_nnz(self.mask_shapes, self.densities)
 
-    def update_masks(self, client: int, model: nn.Module, weights: dict[str, torch.Tensor],
-                     round_index: int) -> tuple[dict[str, torch.Tensor], int, float]:
-        masks = self.masks[client]
-        rate = self.config.fedspa.prune_rate
+    def initial_masks(self, client: int) -> dict[str, torch.Tensor]:
+        return {n: torch.ones(s, dtype=torch.bool, device=self.device) for n, s in self.mask_shapes.items()}
+
+    def expected_nnz(self, client: int, name: str) -> int:
+        return pruned_nnz(super().expected_nnz(client, name), self.targets[name], self.config.sub_fedavg.prune_rate)
+
+    def check_new_mask(self, client: int, name: str, mask: torch.Tensor) -> None:
+        if bool((mask & ~self.masks[client][name]).any()):
+            raise ValueError(f"{name}: Sub-FedAvg only prunes, but the new mask holds positions the old one did not")
+
+
+class SubFedAvgClient(FedSpaClient):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.targets = target_nnz(self.mask_shapes, self.densities)
+
+    def update_masks(self, model: nn.Module, weights: dict[str, torch.Tensor],
+                     round_index: int) -> tuple[dict[str, torch.Tensor], float]:
+        rate = self.config.sub_fedavg.prune_rate
         new_masks = {}
-        for name, mask in masks.items():
-            nnz = int(mask.sum())
-            drop = min(int(round(rate * nnz)), nnz - self.target_nnz[name])
+        for name, mask in self.mask.items():
+            nnz = int(mask.count_nonzero())
+            drop = nnz - pruned_nnz(nnz, self.targets[name], rate)
             if drop <= 0:
                 new_masks[name] = mask
                 continue
@@ -43,5 +72,8 @@ class SubFedAvg(FedSpa):
             keep = flat_mask.clone()
             keep[torch.topk(magnitude, drop, largest=False, sorted=False).indices] = False
             new_masks[name] = keep.reshape(mask.shape)
-            weights[name] = weights[name] * new_masks[name]
-        return new_masks, 0, 0.0
+        return new_masks, 0.0
+
+
+register("sub_fedavg", server=SubFedAvgServer, client=SubFedAvgClient, config=SubFedAvgConfig, uses=("fedspa",),
+         executions=EXECUTIONS, summary=sparse_summary)

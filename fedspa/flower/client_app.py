@@ -1,12 +1,14 @@
-"""FedSpa's Flower ClientApp: one client (``partition-id`` of ``num-partitions`` in the node config) that trains
-its sparse local model on fedspa's kernels and updates its own mask.
+"""fedspa's Flower ClientApp: one client (``partition-id`` of ``num-partitions`` in the node config) running the
+client half of the configured algorithm on its own partition only.
 
-The client computes exactly what client k computes in ``fedspa.train`` (the same ``FedSpa.client_round``, the same
-seeded generators), from what it received: the global values at its mask (with the positions the first time) and
-the experiment config. Between rounds it keeps only its mask, in ``context.state``.
+The node builds the client half from the experiment config the server sends (the same ``Client`` class that
+``fedspa.train`` simulates), loads only its own samples (the partition is computed from the labels, the other
+clients' samples are never kept), and keeps the half's state (its mask, its personal layers) in
+``context.state`` between rounds. What it computes is exactly what client k computes in ``fedspa.train``.
 
 Fault injection for tests (node config): ``fault`` = ``crash`` (the process exits), ``nan``, ``bad-index`` or
-``truncate`` (a malformed upload), in round ``fault-round`` (1-based, default 2).
+``truncate`` (a malformed upload), ``metrics-missing`` (no ``flops``) or ``metrics-nan`` (a NaN loss), in round
+``fault-round`` (1-based, default 2).
 """
 
 from __future__ import annotations
@@ -16,32 +18,30 @@ import json
 import os
 import struct
 
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .. import comm
-from ..algorithms import FedSpa
+from ..algorithms import ModelFactory, registry
+from ..algorithms.base import Client
 from ..config import ExperimentConfig
-from ..data import federated_data
+from ..data import ClientData, dataset_info, federated_data
+from ..device import resolve_device
 from ..models import build_model
-from .protocol import config_from_record, from_array_record, to_array_record
+from .protocol import config_from_record, from_array_record, state_from_record, state_to_record, to_array_record
 
 app = ClientApp()
-MASKS = "fedspa-masks"
+STATE = "fedspa-client-state"
 
 
 @functools.lru_cache(maxsize=2)
-def _algorithm(config_json: str) -> FedSpa:
-    """A FedSpa object holding every client's data partition (deterministic from the config), used for the one
-    client this node plays."""
+def _resources(config_json: str, partition: int) -> tuple[ExperimentConfig, ClientData, ModelFactory]:
+    """This node's config, its own data (one partition) and the model factory, built once per run config."""
     config = ExperimentConfig.from_dict(json.loads(config_json)).validate()
-    if config.fedspa.regrown_init != "zero":
-        raise ValueError("the Flower client supports fedspa.regrown_init=zero only (the client would have to fetch "
-                         "global values at its regrown positions)")
-    clients, classes, shape, _ = federated_data(config.data, config.clients)
-    return FedSpa(config, clients, lambda: build_model(config.model, shape, classes), shape, classes)
+    data = federated_data(config.data, config.clients, only=partition)
+    input_shape, num_classes = dataset_info(config.data)
+    models = ModelFactory(lambda: build_model(config.model, input_shape, num_classes), config.seed)
+    return config, data.clients[0], models
 
 
 def _partition(context: Context, config: ExperimentConfig) -> int:
@@ -55,50 +55,35 @@ def _partition(context: Context, config: ExperimentConfig) -> int:
     return k
 
 
-def _receive(message: Message, context: Context) -> tuple[FedSpa, int, int, bytes]:
-    """Puts what the server sent into the local FedSpa object: the client's mask and the global values on it."""
-    config_record = message.content["config"]
-    config = config_from_record(config_record)
-    algorithm = _algorithm(json.dumps(config.to_dict()))
+def _client(message: Message, context: Context) -> tuple[Client, ExperimentConfig, int]:
+    """The client half this node plays, with the state it kept from earlier rounds of this run."""
+    config = config_from_record(message.content["config"])
     k = _partition(context, config)
-    payload = from_array_record(message.content.array_records.get("arrays"))
-    names = [n for n, _ in algorithm.global_model.named_parameters()]
-    stored = context.state.array_records.get(MASKS)
-    if stored is not None:  # our mask, as we last uploaded it
-        algorithm.masks[k] = {m: torch.from_numpy(stored[m].numpy().copy()) for m in algorithm.shapes}
-    known = []
-    for name in names:
-        module = name[: -len(".weight")] if name.endswith(".weight") else None
-        known.append(algorithm.masks[k][module].reshape(-1).nonzero().squeeze(1) if module in algorithm.shapes
-                     else None)
-    entries = comm.decode(payload, known if stored is not None else None)
-    params = dict(algorithm.global_model.named_parameters())
-    with torch.no_grad():
-        for name, entry in zip(names, entries):
-            module = name[: -len(".weight")] if name.endswith(".weight") else None
-            if entry.positions is None:
-                params[name].copy_(entry.values.reshape(params[name].shape))
-                continue
-            if entry.kind != comm.VALUES and module in algorithm.shapes:  # the server told us our mask
-                mask = torch.zeros(entry.numel, dtype=torch.bool)
-                mask[entry.positions] = True
-                algorithm.masks[k][module] = mask.reshape(algorithm.shapes[module])
-            flat = params[name].detach().reshape(-1)
-            flat.zero_()
-            flat[entry.positions] = entry.values
-    algorithm.server_knows_mask[k] = any(e.kind == comm.VALUES for e in entries)
-    _store_masks(context, algorithm, k)
-    return algorithm, k, int(config_record["round"]), payload
+    config, data, models = _resources(json.dumps(config.to_dict()), k)
+    client = registry.get(config.algorithm).client(config, k, data, models, resolve_device(config.device))
+    stored = context.state.array_records.get(STATE)
+    if stored is not None:
+        client.load_state_dict(state_from_record(stored))
+    return client, config, k
 
 
-def _store_masks(context: Context, algorithm: FedSpa, k: int) -> None:
-    context.state.array_records[MASKS] = ArrayRecord(
-        {m: Array(np.ascontiguousarray(mask.numpy())) for m, mask in algorithm.masks[k].items()})
+def _fault(context: Context, round_index: int) -> str:
+    fault = str(context.node_config.get("fault", ""))
+    return fault if fault and int(context.node_config.get("fault-round", 2)) == round_index + 1 else ""
+
+
+def _inject_metrics_fault(context: Context, round_index: int, record: dict) -> dict:
+    fault = _fault(context, round_index)
+    if fault == "metrics-missing":
+        return {k: v for k, v in record.items() if k != "flops"}
+    if fault == "metrics-nan":
+        return {**record, "loss": float("nan")}
+    return record
 
 
 def _inject_fault(context: Context, round_index: int, payload: bytes) -> bytes:
-    fault = str(context.node_config.get("fault", ""))
-    if not fault or int(context.node_config.get("fault-round", 2)) != round_index + 1:
+    fault = _fault(context, round_index)
+    if not fault or fault.startswith("metrics-"):
         return payload
     if fault == "crash":
         os._exit(17)
@@ -123,24 +108,26 @@ def _inject_fault(context: Context, round_index: int, payload: bytes) -> bytes:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    algorithm, k, round_index, payload_down = _receive(message, context)
-    result = algorithm.client_round(k, round_index)
-    algorithm.masks[k] = result.extra["masks"]
-    algorithm.server_knows_mask[k] = True
-    _store_masks(context, algorithm, k)
-    payload_up = _inject_fault(context, round_index, result.extra["payload"])
-    metrics = MetricRecord({"client": k, "train_loss": float(result.train_loss), "num-examples": result.samples,
-                            "flops": float(result.flops), "bytes_down": len(payload_down),
-                            "peak_memory": int(result.peak_memory or 0)})
-    return Message(RecordDict({"arrays": to_array_record(payload_up), "metrics": metrics}), reply_to=message)
+    client, config, k = _client(message, context)
+    record = message.content["config"]
+    round_index = int(record["round"])
+    payload_down = from_array_record(message.content.array_records.get("arrays"))
+    payload_up, metrics = client.round(payload_down, round_index,
+                                       measure_memory=bool(record.get("measure-memory", False)))
+    context.state.array_records[STATE] = state_to_record(client.state_dict())
+    payload_up = _inject_fault(context, round_index, payload_up)
+    reply = MetricRecord(_inject_metrics_fault(context, round_index,
+                                               {"client": k, "num-examples": metrics.samples, **metrics.to_record()}))
+    return Message(RecordDict({"arrays": to_array_record(payload_up), "metrics": reply}), reply_to=message)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    algorithm, k, _, _ = _receive(message, context)
-    correct, total = algorithm.evaluate(algorithm.personal_model(k), k)
-    return Message(RecordDict({"metrics": MetricRecord({"client": k, "correct": correct, "total": total})}),
-                   reply_to=message)
+    client, config, k = _client(message, context)
+    payload = from_array_record(message.content.array_records.get("arrays"))
+    metrics = client.evaluate(payload, int(message.content["config"]["round"]))
+    context.state.array_records[STATE] = state_to_record(client.state_dict())
+    return Message(RecordDict({"metrics": MetricRecord({"client": k, **metrics.to_record()})}), reply_to=message)
 
 
 @app.query()

@@ -1,5 +1,6 @@
-"""FedSpa's Flower ServerApp: runs ``FedSpaStrategy`` for ``config.rounds`` rounds and writes the same
-``metrics.jsonl`` / ``summary.json`` as ``fedspa.train`` into ``output-dir``.
+"""fedspa's Flower ServerApp: runs ``FederatedStrategy`` (the server half of ``config.algorithm``) for
+``config.rounds`` rounds and writes the same ``metrics.jsonl`` / ``summary.json`` as ``fedspa.train`` into
+``output-dir``. The server holds no data.
 
 Run config (``--run-config``): ``config`` (a YAML/JSON file; empty: the defaults), ``overrides`` (space-separated
 ``key=value``), ``output-dir``, ``round-timeout`` (seconds to wait for replies).
@@ -15,9 +16,8 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import ExperimentConfig
-from ..data import federated_data
 from ..train import summarize
-from .strategy import FedSpaStrategy
+from .strategy import FederatedStrategy
 
 app = ServerApp()
 
@@ -31,12 +31,9 @@ def load_run_config(context: Context) -> tuple[ExperimentConfig, Path, float]:
     return config, out, float(run_config.get("round-timeout", 600.0))
 
 
-def run_strategy(grid: Grid, config: ExperimentConfig, out: Path, round_timeout: float) -> FedSpaStrategy:
+def run_strategy(grid: Grid, config: ExperimentConfig, out: Path, round_timeout: float) -> FederatedStrategy:
     """Runs the federation and writes its log; returns the strategy (its ``history``)."""
-    # the server needs the model's input shape and classes: from the (deterministic) data of client 0
-    clients, classes, shape, _ = federated_data(config.data, config.clients)
-    del clients
-    strategy = FedSpaStrategy(config, shape, classes, round_timeout=round_timeout)
+    strategy = FederatedStrategy(config, round_timeout=round_timeout)
     strategy.start(grid, ArrayRecord(), num_rounds=config.rounds, timeout=round_timeout)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.yaml")

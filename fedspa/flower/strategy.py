@@ -1,49 +1,61 @@
-"""FedSpaStrategy: FedSpa's server on Flower.
+"""FederatedStrategy: the server half of any registered fedspa algorithm, on Flower.
 
-It keeps the dense global model and every client's last known mask (a ``fedspa.algorithms.FedSpa`` object, the
-same code as ``fedspa.train``), samples the same clients per round as ``fedspa.train`` (seeded), sends each one
-only the global values at its mask, checks every upload (``protocol.check_upload``) and folds the valid ones into
-the global model with fedspa's scatter-add kernels. A client whose reply is missing, an error, or malformed (wrong
-length, an index out of range, a NaN, another nnz) is dropped for the round with the reason logged; the round
-completes with the others, and the dropped client's mask stays what the server last knew.
+It holds the algorithm's ``Server`` (the same class ``fedspa.train`` simulates) and uses only its public methods:
+it samples the same clients per round as ``fedspa.train`` (seeded), sends each sampled node its ``downlink``,
+passes every reply through ``receive`` (which checks the payload) and ``TrainMetrics.from_record``, and
+``aggregate``s the valid ones. A client whose reply is missing, an error, or malformed (wrong length, an index out
+of range, a NaN, another nnz, bad metrics) is dropped for the round with the reason logged (``Server.drop``); the
+round completes with the others. For FedSpa the downlinks are sparse and the aggregation is fedspa's scatter-add.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from torch import nn
 
-from ..algorithms import ClientResult, FedSpa
+from ..algorithms import ModelFactory, registry
+from ..algorithms.base import EvalMetrics, TrainMetrics, Upload, learning_rate
 from ..config import ExperimentConfig
+from ..data import dataset_info
+from ..device import resolve_device
 from ..models import build_model
-from .protocol import check_upload, config_record, from_array_record, to_array_record
+from ..train import evaluation_row, train_row
+from .protocol import config_record, from_array_record, to_array_record
 
 log = logging.getLogger("fedspa.flower")
 
 
-class FedSpaStrategy(Strategy):
-    """FedSpa's server. ``history`` holds one row per round, as ``fedspa.train`` logs them (plus ``dropped``)."""
+class FederatedStrategy(Strategy):
+    """The server of ``config.algorithm``. ``history`` holds one row per round, as ``fedspa.train`` logs them (plus
+    ``aggregated`` and ``dropped``).
 
-    def __init__(self, config: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int,
-                 round_timeout: float = 600.0) -> None:
+    Args:
+        config: the experiment.
+        round_timeout: seconds to wait for a round's replies.
+        model_fn: the model (default: the config's ``model`` for the config's dataset).
+    """
+
+    def __init__(self, config: ExperimentConfig, round_timeout: float = 600.0,
+                 model_fn: Callable[[], nn.Module] | None = None) -> None:
         self.config = config.validate()
-        if config.algorithm != "fedspa":
-            raise ValueError(f"FedSpaStrategy runs algorithm=fedspa, the config says {config.algorithm}")
-        self.algorithm = FedSpa(config, [None] * config.clients,
-                                lambda: build_model(config.model, input_shape, num_classes), input_shape, num_classes)
-        self.numels = {n: p.numel() for n, p in self.algorithm.global_model.named_parameters()}
+        if model_fn is None:
+            input_shape, num_classes = dataset_info(config.data)
+            model_fn = lambda: build_model(config.model, input_shape, num_classes)  # noqa: E731
+        models = ModelFactory(model_fn, config.seed)
+        self.server = registry.get(config.algorithm).server(config, models, config.clients,
+                                                            resolve_device(config.device))
         self.round_timeout = round_timeout
         self.nodes: dict[int, int] = {}  # client (partition id) -> node id
         self.history: list[dict] = []
         self._pending: dict[int, tuple[int, int]] = {}  # node id -> (client, bytes sent)
+        self._eval_pending: dict[int, int] = {}
         self._row: dict = {}
 
     # ---------------------------------------------------------------------------------------------- helpers
@@ -66,10 +78,12 @@ class FedSpaStrategy(Strategy):
         if missing:
             log.warning("no node plays partitions %s: they are skipped when sampled", missing)
 
-    def _message(self, client: int, round_index: int, message_type: str) -> tuple[Message, int]:
-        payload, _ = self.algorithm._downlink(client)
+    def _message(self, client: int, round_index: int, message_type: str,
+                 measure_memory: bool = False) -> tuple[Message, int]:
+        payload = (self.server.downlink(client, round_index) if message_type == "train"
+                   else self.server.evaluation_downlink(client, round_index))
         record = RecordDict({"arrays": to_array_record(payload),
-                             "config": config_record(self.config, round=round_index)})
+                             "config": config_record(self.config, round=round_index, **{"measure-memory": measure_memory})})
         return Message(record, dst_node_id=self.nodes[client], message_type=message_type), len(payload)
 
     # ---------------------------------------------------------------------------------------------- train
@@ -79,14 +93,13 @@ class FedSpaStrategy(Strategy):
             self._map_nodes(grid)
         t = server_round - 1
         messages, self._pending = [], {}
-        sampled = self.algorithm.sampled_clients(t)
-        self._row = {"round": server_round, "lr": self.algorithm.learning_rate(t), "sampled": sampled,
-                     "dropped": {}, "started": time.perf_counter()}
-        for k in sampled:
+        sampled = self.server.sample(t)
+        self._row = {"sampled": sampled, "dropped": {}, "started": time.perf_counter()}
+        for position, k in enumerate(sampled):
             if k not in self.nodes:
                 self._row["dropped"][str(k)] = "no node plays this partition"
                 continue
-            message, size = self._message(k, t, "train")
+            message, size = self._message(k, t, "train", measure_memory=self.config.measure_memory and position == 0)
             messages.append(message)
             self._pending[self.nodes[k]] = (k, size)
         return messages
@@ -94,56 +107,39 @@ class FedSpaStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         t = server_round - 1
-        results, answered = [], set()
+        received, uploads, answered = [], [], set()
         for reply in replies:
             node = reply.metadata.src_node_id
             if node not in self._pending:
                 continue
             k, bytes_down = self._pending[node]
             answered.add(node)
-            reason = None
             if reply.has_error():
-                reason = f"error reply: {reply.error.reason}"
-            else:
-                try:
-                    payload = from_array_record(reply.content.array_records.get("arrays"))
-                    expected = {m: int(mask.sum()) for m, mask in self.algorithm.masks[k].items()}
-                    _, masks = check_upload(payload, self.numels, self.algorithm.shapes, expected)
-                    metrics = reply.content["metrics"]
-                    samples = int(metrics["num-examples"])
-                    if samples < 1 or not math.isfinite(float(metrics["train_loss"])):
-                        raise ValueError(f"bad metrics: {dict(metrics)}")
-                except (ValueError, KeyError, TypeError) as exc:
-                    reason = f"malformed upload: {exc}"
-            if reason is not None:
-                self._drop(server_round, k, reason)
+                self._drop(server_round, k, f"error reply: {reply.error.reason}")
                 continue
-            results.append(ClientResult(k, float(metrics["train_loss"]), samples, len(payload), bytes_down,
-                                        float(metrics["flops"]), int(metrics["peak_memory"]) or None,
-                                        extra={"payload": payload, "masks": masks}))
+            try:
+                payload = from_array_record(reply.content.array_records.get("arrays"))
+                upload = Upload(k, payload, TrainMetrics.from_record(reply.content["metrics"]), bytes_down)
+                received.append((k, self.server.receive(upload)))
+                uploads.append(upload)
+            except (ValueError, KeyError, TypeError) as exc:
+                self._drop(server_round, k, f"malformed upload: {exc}")
         for node, (k, _) in self._pending.items():
             if node not in answered:
                 self._drop(server_round, k, f"no reply within {self.round_timeout:.0f} s")
-        results.sort(key=lambda r: r.client)  # the order fedspa.train aggregates in
-        self.algorithm.aggregate(results, t)
-        samples = sum(r.samples for r in results)
-        peaks = [r.peak_memory for r in results if r.peak_memory]
-        self._row.update({
-            "aggregated": [r.client for r in results],
-            "train_loss": sum(r.train_loss * r.samples for r in results) / max(samples, 1),
-            "bytes_up": sum(r.bytes_up for r in results),
-            "bytes_down": sum(r.bytes_down for r in results),
-            "flops": sum(r.flops for r in results),
-            "peak_memory": max(peaks) if peaks else None,
-        })
-        return None, MetricRecord({"train_loss": self._row["train_loss"], "bytes_up": self._row["bytes_up"],
-                                   "clients": len(results)})
+        received.sort(key=lambda item: item[0])  # the order fedspa.train aggregates in
+        uploads.sort(key=lambda u: u.client)
+        self.server.aggregate([r for _, r in received], t)
+        row = train_row(t, learning_rate(self.config, t), self._row["sampled"], uploads, 0.0)
+        self._row = {**row, "dropped": self._row["dropped"], "started": self._row["started"],
+                     "aggregated": [u.client for u in uploads]}
+        return None, MetricRecord({"train_loss": row["train_loss"], "bytes_up": row["bytes_up"],
+                                   "clients": len(uploads)})
 
     def _drop(self, server_round: int, client: int, reason: str) -> None:
         log.warning("round %d: client %d dropped (%s)", server_round, client, reason)
         self._row["dropped"][str(client)] = reason
-        # the client may hold a mask we never accepted: the next downlink carries our positions again
-        self.algorithm.server_knows_mask[client] = False
+        self.server.drop(client)
 
     # ---------------------------------------------------------------------------------------------- evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -161,24 +157,18 @@ class FedSpaStrategy(Strategy):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        if not getattr(self, "_eval_pending", None):
+        if not self._eval_pending:
             return None
-        per_client = [float("nan")] * self.config.clients
-        correct_total = total = 0
+        results: list[EvalMetrics | None] = [None] * self.config.clients
         for reply in replies:
             if reply.has_error() or reply.metadata.src_node_id not in self._eval_pending:
                 continue
-            metrics = reply.content["metrics"]
             k = self._eval_pending[reply.metadata.src_node_id]
-            correct, count = int(metrics["correct"]), int(metrics["total"])
-            per_client[k] = correct / count if count else float("nan")
-            correct_total += correct
-            total += count
-        values = np.array([a for a in per_client if not math.isnan(a)])
-        self._row.update({"acc_pooled": correct_total / total if total else float("nan"),
-                          "acc_mean": float(values.mean()) if values.size else float("nan"),
-                          "acc_std": float(values.std()) if values.size else float("nan"),
-                          "acc_per_client": per_client})
+            try:
+                results[k] = EvalMetrics.from_record(reply.content["metrics"])
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("round %d: client %d's evaluation is malformed (%s)", server_round, k, exc)
+        self._row.update(evaluation_row(results))
         self._eval_pending = {}
         self._finish_round()
         return MetricRecord({"acc_pooled": self._row["acc_pooled"], "acc_mean": self._row["acc_mean"]})
@@ -189,5 +179,5 @@ class FedSpaStrategy(Strategy):
                  json.dumps({k: v for k, v in self._row.items() if k != "acc_per_client"}))
 
     def summary(self) -> None:
-        log.info("FedSpaStrategy: %d clients, %.0f%% per round, density %.3f, %d rounds", self.config.clients,
-                 100 * self.config.client_fraction, self.config.fedspa.density, self.config.rounds)
+        log.info("FederatedStrategy: %s, %d clients, %.0f%% per round, %d rounds", self.config.algorithm,
+                 self.config.clients, 100 * self.config.client_fraction, self.config.rounds)

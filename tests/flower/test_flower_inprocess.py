@@ -3,6 +3,7 @@ only, and faulty clients dropped without corrupting anything."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -27,31 +28,34 @@ def _config(*extra):
     return ExperimentConfig.load(None, TINY + list(extra))
 
 
-def test_flower_run_equals_the_single_process_run(tmp_path):
-    config = _config("fedspa.regrowth=gradient")
+@pytest.mark.parametrize("algorithm,extra", [("fedspa", "fedspa.regrowth=gradient"),
+                                             ("fedspa", "fedspa.regrown_init=global"), ("fedavg", "rounds=2"),
+                                             ("ditto", "rounds=2"), ("sub_fedavg", "sub_fedavg.prune_rate=0.3")])
+def test_flower_run_equals_the_single_process_run(tmp_path, algorithm, extra):
+    config = _config(f"algorithm={algorithm}", extra)
     strategy = run_strategy(LocalGrid(4), config, tmp_path / "flower", 60)
     reference = run(config, output_dir=tmp_path / "ref")
     assert [{k: h[k] for k in KEYS} for h in strategy.history] == [{k: h[k] for k in KEYS} for h in reference.history]
     assert all(not h["dropped"] for h in strategy.history)
-    ref_state = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)["algorithm"]
-    for name, value in strategy.algorithm.global_model.state_dict().items():
+    ref_state = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)["server"]
+    for name, value in strategy.server.global_model.state_dict().items():
         assert torch.equal(value, ref_state["global"][name])
     assert (tmp_path / "flower" / "metrics.jsonl").is_file() and (tmp_path / "flower" / "summary.json").is_file()
 
 
 def test_downlinks_are_sparse_payloads(tmp_path):
     config = _config("rounds=1")
-    from fedspa.flower.strategy import FedSpaStrategy
+    from fedspa.flower.strategy import FederatedStrategy
 
-    strategy = FedSpaStrategy(config, (1, 8, 8), 10)
+    strategy = FederatedStrategy(config)
     strategy.nodes = {k: 100 + k for k in range(4)}
     message, size = strategy._message(0, 0, "train")
     payload = message.content.array_records["arrays"]["payload"].numpy().tobytes()
     assert len(payload) == size
     entries = comm.decode(payload)
     sparse = [e for e in entries if e.kind in (comm.BITMAP, comm.INDICES)]
-    assert len(sparse) == len(strategy.algorithm.shapes)
-    dense_bytes = 4 * sum(p.numel() for p in strategy.algorithm.global_model.parameters())
+    assert len(sparse) == len(strategy.server.mask_shapes)
+    dense_bytes = 4 * sum(p.numel() for p in strategy.server.global_model.parameters())
     assert size < 0.5 * dense_bytes
 
 
@@ -68,7 +72,7 @@ def test_a_malformed_upload_is_dropped_and_the_round_completes(tmp_path, fault, 
     assert first["aggregated"] == [] and first["bytes_up"] == 0
     for h in strategy.history[1:]:  # later rounds run normally, nothing was corrupted
         assert not h["dropped"] and math.isfinite(h["train_loss"])
-    for p in strategy.algorithm.global_model.parameters():
+    for p in strategy.server.global_model.parameters():
         assert torch.isfinite(p).all()
 
 
@@ -85,26 +89,51 @@ def test_silent_and_failing_clients_are_dropped(tmp_path):
 def test_after_a_drop_the_server_resends_the_mask(tmp_path):
     """A dropped client has moved its mask locally, the server never accepted it: the next downlink carries the
     server's positions again, and the client adopts them before any values are used."""
-    from fedspa.flower.client_app import app
-
     from flwr.app import ArrayRecord
 
-    from fedspa.flower.strategy import FedSpaStrategy
+    from fedspa.flower.client_app import STATE
+    from fedspa.flower.strategy import FederatedStrategy
 
     config = _config("rounds=3", "eval_every=3", "client_fraction=1.0")
     grid = LocalGrid(4, node_config={0: {"fault": "nan", "fault-round": 2}})
-    strategy = FedSpaStrategy(config, (1, 8, 8), 10, round_timeout=60)
+    strategy = FederatedStrategy(config, round_timeout=60)
     strategy.start(grid, ArrayRecord(), num_rounds=2, timeout=60)  # stop before round 3: no evaluation yet
     assert list(strategy.history[1]["dropped"]) == ["0"]
-    assert strategy.algorithm.server_knows_mask[0] is False
+    server = strategy.server
+    assert server.server_knows_mask[0] is False
 
     def stored():
-        record = grid.contexts[100].state.array_records["fedspa-masks"]
-        return {m: torch.from_numpy(record[m].numpy()) for m in strategy.algorithm.shapes}
+        record = grid.contexts[100].state.array_records[STATE]
+        return {m: torch.from_numpy(record[f"mask.{m}"].numpy()) for m in server.mask_shapes}
 
-    assert any(not torch.equal(stored()[m], strategy.algorithm.masks[0][m]) for m in strategy.algorithm.shapes)
+    assert any(not torch.equal(stored()[m], server.masks[0][m]) for m in server.mask_shapes)
     message, _ = strategy._message(0, 2, "evaluate")
     assert any(e.kind in (comm.BITMAP, comm.INDICES) for e in
                comm.decode(message.content.array_records["arrays"]["payload"].numpy().tobytes()))
     grid.send_and_receive([message])
-    assert all(torch.equal(stored()[m], strategy.algorithm.masks[0][m]) for m in strategy.algorithm.shapes)
+    assert all(torch.equal(stored()[m], server.masks[0][m]) for m in server.mask_shapes)
+
+
+def test_a_client_node_holds_only_its_own_partition():
+    """The ClientApp builds the client half from the config alone and keeps only its own samples."""
+    from fedspa.data import federated_data
+    from fedspa.flower.client_app import _resources
+
+    config = _config()
+    everyone = federated_data(config.data, config.clients)
+    for k in range(config.clients):
+        _, mine, _ = _resources(json.dumps(config.to_dict()), k)
+        assert mine.num_train == everyone.clients[k].num_train
+        assert torch.equal(mine.train_x, everyone.clients[k].train_x)
+        assert torch.equal(mine.test_y, everyone.clients[k].test_y)
+
+
+def test_bad_metrics_drop_the_client_not_the_server(tmp_path):
+    """A reply whose metrics lack a field or carry a NaN is dropped with the reason; the round completes."""
+    grid = LocalGrid(4, node_config={2: {"fault": "metrics-missing", "fault-round": 1},
+                                     3: {"fault": "metrics-nan", "fault-round": 1}})
+    strategy = run_strategy(grid, _config("rounds=1"), tmp_path, 60)
+    first = strategy.history[0]
+    assert first["sampled"] == [2, 3] and first["aggregated"] == []
+    assert "'flops' is missing" in first["dropped"]["2"] and "'loss' must be finite" in first["dropped"]["3"]
+    assert math.isfinite(first["acc_pooled"])

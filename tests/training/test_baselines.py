@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedspa.algorithms import REGISTRY
+from fedspa.algorithms import names
 from fedspa.config import ExperimentConfig
 from fedspa.train import run
 
 TINY = ["data.dataset=digits", "data.samples_per_client=250", "data.alpha=0.5", "clients=4", "client_fraction=1.0",
         "model.name=mlp", "model.width=8", "fedspa.density=0.3", "rounds=6", "local_epochs=4", "batch_size=25",
-        "measure_memory=false", "progress=false", "fedspa.prune_rate=0.2"]
+        "measure_memory=false", "progress=false", "sub_fedavg.prune_rate=0.2"]
 
 
 def _run(tmp_path, algorithm, *extra):
@@ -19,7 +19,7 @@ def _run(tmp_path, algorithm, *extra):
                output_dir=tmp_path / algorithm)
 
 
-@pytest.mark.parametrize("algorithm", sorted(REGISTRY))
+@pytest.mark.parametrize("algorithm", names())
 def test_every_algorithm_learns(tmp_path, algorithm):
     summary = _run(tmp_path, algorithm).summary
     assert summary["final_acc_pooled"] > 0.6, summary  # chance: 0.1
@@ -37,8 +37,8 @@ def test_payload_sizes_follow_what_each_method_shares(tmp_path):
     assert sizes["lg_fedavg"]["bytes_up"] == 4 * (8 + 2 * 11 + 4 * (32 * 10 + 10))
 
 def test_sub_fedavg_prunes_down_to_its_target_and_stops(tmp_path):
-    result = _run(tmp_path, "sub_fedavg", "rounds=8", "fedspa.prune_rate=0.3")
-    state = torch.load(tmp_path / "sub_fedavg" / "checkpoint.pt", weights_only=True)["algorithm"]
+    result = _run(tmp_path, "sub_fedavg", "rounds=8", "sub_fedavg.prune_rate=0.3")
+    state = torch.load(tmp_path / "sub_fedavg" / "checkpoint.pt", weights_only=True)["server"]
     total = sum(m.numel() for m in state["masks"][0].values())
     nnz = sum(int(m.sum()) for m in state["masks"][0].values())
     assert nnz / total == pytest.approx(0.3, abs=0.01)  # reached the target density, never below
@@ -46,7 +46,7 @@ def test_sub_fedavg_prunes_down_to_its_target_and_stops(tmp_path):
     assert ups[-1] < 0.5 * ups[0]  # the payload shrank with the mask
 
 
-@pytest.mark.parametrize("algorithm", ["ditto", "fedper", "sub_fedavg", "fedavg_ft"])
+@pytest.mark.parametrize("algorithm", ["ditto", "fedper", "sub_fedavg", "fedavg_ft", "fedrep"])
 def test_resume_is_exact(tmp_path, algorithm):
     config = ExperimentConfig.load(None, TINY + [f"algorithm={algorithm}", "rounds=3", "client_fraction=0.5"])
     full = run(config, output_dir=tmp_path / "full")
@@ -60,17 +60,15 @@ def test_resume_is_exact(tmp_path, algorithm):
 def test_layers_denser_than_the_break_even_run_dense_masked(tmp_path):
     """Sub-FedAvg starts dense: its layers run as dense weights x mask until pruned below sparse_max_density,
     and the result does not depend on that choice (only the cost does)."""
-    from fedspa.algorithms import SubFedAvg
-    from fedspa.data import federated_data
-    from fedspa.models import build_model
+    from fedspa.nn import apply_masks
+    from fedspa.models import MLP
 
-    config = ExperimentConfig.load(None, TINY + ["algorithm=sub_fedavg"])
-    clients, classes, shape, _ = federated_data(config.data, config.clients)
-    algorithm = SubFedAvg(config, clients, lambda: build_model(config.model, shape, classes), shape, classes)
-    assert algorithm._sparse_layers(0) == []  # all ones
-    for name, mask in algorithm.masks[0].items():
-        algorithm.masks[0][name] = torch.rand(mask.shape) < (0.8 if name == "net.1" else 0.2)
-    assert algorithm._sparse_layers(0) == ["net.3", "net.5"]
+    model = MLP((1, 8, 8), 10, 8)
+    masks = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in model.named_parameters() if p.dim() >= 2}
+    assert set(apply_masks(model, masks, sparse=True, sparse_max_density=0.5).values()) == {"dense"}  # all ones
+    masks = {n: torch.rand(m.shape) < (0.8 if n == "net.1.weight" else 0.2) for n, m in masks.items()}
+    plan = apply_masks(MLP((1, 8, 8), 10, 8), masks, sparse=True, sparse_max_density=0.5)
+    assert plan == {"net.1.weight": "masked", "net.3.weight": "sparse", "net.5.weight": "sparse"}
     a = _run(tmp_path / "a", "sub_fedavg", "rounds=3", "fedspa.sparse_max_density=1.0").history
     b = _run(tmp_path / "b", "sub_fedavg", "rounds=3", "fedspa.sparse_max_density=0.0").history
     assert [h["train_loss"] for h in a] == pytest.approx([h["train_loss"] for h in b], rel=1e-4)

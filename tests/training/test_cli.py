@@ -54,8 +54,8 @@ def test_bytes_to_accuracy():
     (["train", "fedspa.density=2"], r"fedspa.density must lie in \(0, 1\]"),
     (["train", "data.dataset=imagenet"], "data.dataset must be one of"),
     (["train", "--config", "/nonexistent.yaml"], "does not exist"),
-    (["compare", "--variants", "fedavg:dense_masked"], "only fedspa has an execution mode"),
-    (["compare", "--variants", "fedprox"], "unknown algorithm 'fedprox'"),
+    (["compare", "--variants", "fedavg:dense_masked"], "fedavg has no execution mode"),
+    (["compare", "--variants", "fedbogus"], "unknown algorithm 'fedbogus'"),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message, capsys):
     assert main(args) == 2
@@ -76,9 +76,11 @@ def test_variant_parsing():
 
 
 def test_all_expands_to_every_algorithm():
-    from fedspa.algorithms import REGISTRY
+    from fedspa.algorithms import names
     from fedspa.compare import expand_variants
 
     variants = expand_variants(["fedavg", "all"])
-    assert variants[0] == "fedavg" and len(variants) == len(set(variants)) == len(REGISTRY) + 1
-    assert {Variant.parse(v).algorithm for v in variants} == set(REGISTRY)
+    # every algorithm, plus the dense-masked twins of the two sparse ones
+    assert variants[0] == "fedavg" and len(variants) == len(set(variants)) == len(names()) + 2
+    assert {Variant.parse(v).algorithm for v in variants} == set(names())
+    assert "fedspa:dense_masked" in variants and "sub_fedavg:dense_masked" in variants

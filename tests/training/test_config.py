@@ -37,7 +37,7 @@ def test_yaml_json_round_trip_and_overrides(tmp_path):
     ("fedspa.density=1.5", r"fedspa.density must lie in \(0, 1\], got 1.5"),
     ("fedspa.density=-0.1", r"fedspa.density must lie in \(0, 1\]"),
     ("data.dataset=imagenet", "data.dataset must be one of .*; got 'imagenet'"),
-    ("algorithm=fedprox", "algorithm must be one of"),
+    ("algorithm=fedbogus", "algorithm must be one of"),
     ("model.name=vgg", "model.name must be one of"),
     ("rounds=0", "rounds must be an integer >= 1, got 0"),
     ("rounds=2.5", r"rounds has the wrong type: 2.5"),

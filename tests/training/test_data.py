@@ -54,7 +54,8 @@ def test_partition_errors():
 
 def test_each_client_has_a_stratified_test_split_and_the_plot_is_written(tmp_path):
     config = DataConfig(dataset="digits", partition="dirichlet", alpha=0.5, samples_per_client=150, test_fraction=0.2)
-    clients, classes, shape, record = federated_data(config, 6)
+    data = federated_data(config, 6)
+    clients, classes, shape, record = data.clients, data.num_classes, data.input_shape, data.partition
     assert (classes, shape, len(clients), len(record["clients"])) == (10, (1, 8, 8), 6, 6)
     for c in clients:
         assert c.num_train + c.test_y.numel() == 150
@@ -69,7 +70,8 @@ def test_each_client_has_a_stratified_test_split_and_the_plot_is_written(tmp_pat
 
 
 def test_synthetic_data_per_client():
-    clients, classes, shape, _ = federated_data(DataConfig(dataset="synthetic", samples_per_client=100), 4)
+    data = federated_data(DataConfig(dataset="synthetic", samples_per_client=100), 4)
+    clients, classes, shape = data.clients, data.num_classes, data.input_shape
     assert classes == 10 and shape == (60,) and len(clients) == 4
     assert all(c.num_train + c.test_y.numel() == 100 for c in clients)
 
@@ -114,7 +116,8 @@ def test_femnist_leaf_json_gives_one_client_per_writer(tmp_path):
             u: {"x": rng.random((n, 784)).tolist(), "y": rng.integers(0, 62, n).tolist()} for u in ("w2", "w1", "w3")}}
         (tmp_path / split / "all_data_0.json").write_text(json.dumps(blob))
     config = DataConfig(dataset="femnist", partition="natural", root=str(tmp_path))
-    clients, classes, shape, record = federated_data(config, 2)
+    data = federated_data(config, 2)
+    clients, classes, shape, record = data.clients, data.num_classes, data.input_shape, data.partition
     assert (classes, shape) == (62, (1, 28, 28))
     assert [c["writer"] for c in record["clients"]] == ["w1", "w2"]
     assert clients[0].train_x.shape == (6, 1, 28, 28) and clients[0].test_y.shape == (2,)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedspa.masks import client_generator, density_of, layer_densities, random_masks, sparsifiable_shapes
+from fedspa.masks import client_generator, density_of, layer_densities, maskable_parameters, random_masks
 from fedspa.models import CNN, MLP, ResNet18
 
 SHAPES = {"conv1": (32, 1, 5, 5), "conv2": (64, 32, 5, 5), "fc1": (512, 3136), "fc2": (10, 512)}
@@ -57,10 +57,18 @@ def test_random_masks_have_exact_nnz_differ_per_client_and_repeat_per_seed():
     assert density_of(a) == pytest.approx(0.1, abs=1e-3)
 
 
-def test_sparsifiable_layers_of_the_models():
-    assert list(sparsifiable_shapes(MLP((1, 8, 8), 10, 4))) == ["net.1", "net.3", "net.5"]
-    assert list(sparsifiable_shapes(CNN((1, 28, 28), 10, 8))) == ["features.0", "features.3", "classifier.1",
-                                                                    "classifier.3"]
-    shapes = sparsifiable_shapes(ResNet18((3, 32, 32), 10))
+def test_maskable_parameters_of_the_models():
+    assert list(maskable_parameters(MLP((1, 8, 8), 10, 4))) == ["net.1.weight", "net.3.weight", "net.5.weight"]
+    assert list(maskable_parameters(CNN((1, 28, 28), 10, 8))) == [
+        "features.0.weight", "features.3.weight", "classifier.1.weight", "classifier.3.weight"]
+    shapes = maskable_parameters(ResNet18((3, 32, 32), 10))
     assert len(shapes) == 21 and all(len(s) in (2, 4) for s in shapes.values())  # 20 convs + fc; norms excluded
     assert sum(math.prod(s) for s in shapes.values()) == pytest.approx(11.2e6, rel=0.01)
+
+
+def test_every_weight_of_two_or_more_dimensions_is_maskable():
+    """Depthwise convs, Embedding and MultiheadAttention's packed projection are masked like any weight."""
+    model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(20, 8), "attn": torch.nn.MultiheadAttention(8, 2),
+                                 "dw": torch.nn.Conv2d(8, 8, 3, groups=8), "norm": torch.nn.LayerNorm(8)})
+    assert list(maskable_parameters(model)) == ["embed.weight", "attn.in_proj_weight", "attn.out_proj.weight",
+                                                "dw.weight"]

@@ -32,7 +32,7 @@ def test_fedspa_learns_well_above_chance(tmp_path, model):
     assert s["final_acc_pooled"] > 0.6, s  # 10 classes: chance is 0.1
     assert s["best_acc_pooled"] >= s["final_acc_pooled"]
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
-    for name in ("config.yaml", "partition.json", "metrics.jsonl", "metrics.csv", "summary.json", "checkpoint.pt",
+    for name in ("config.yaml", "run.json", "partition.json", "metrics.jsonl", "metrics.csv", "summary.json", "checkpoint.pt",
                  "label_distribution.png", "accuracy_vs_round.png", "accuracy_vs_bytes.png"):
         assert (tmp_path / name).is_file(), name
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -50,7 +50,7 @@ def test_sparse_and_dense_masked_execution_compute_the_same_thing(tmp_path):
         assert a["acc_pooled"] == pytest.approx(b["acc_pooled"], abs=2.5e-3)  # at most a borderline sample
         assert a["flops"] < 0.5 * b["flops"]
     assert sparse.summary["peak_client_memory"] < dense.summary["peak_client_memory"]
-    checkpoints = [torch.load(p / "checkpoint.pt", weights_only=True)["algorithm"] for p in
+    checkpoints = [torch.load(p / "checkpoint.pt", weights_only=True)["server"] for p in
                    (tmp_path / "sparse", tmp_path / "dense")]
     for name, value in checkpoints[0]["global"].items():
         torch.testing.assert_close(value, checkpoints[1]["global"][name], rtol=1e-3, atol=1e-4)
@@ -61,19 +61,18 @@ def test_sparse_and_dense_masked_execution_compute_the_same_thing(tmp_path):
 def test_fedspa_masks_keep_their_density_and_evolve(tmp_path):
     config = _config("rounds=3")
     run(config, output_dir=tmp_path)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["algorithm"]
-    from fedspa.algorithms import FedSpa
-    from fedspa.data import federated_data
-    from fedspa.models import build_model
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    from fedspa.train import federation
 
-    clients, classes, shape, _ = federated_data(config.data, config.clients)
-    initial = FedSpa(config, clients, lambda: build_model(config.model, shape, classes), shape, classes)
+    initial = federation(config).server  # the masks every client starts from
     for k in range(4):
-        for name, mask in state["masks"][k].items():
+        for name, mask in state["server"]["masks"][k].items():
             assert int(mask.sum()) == int(initial.masks[k][name].sum())  # nnz per layer unchanged
-        changed = sum(int((state["masks"][k][n] != initial.masks[k][n]).sum()) for n in initial.masks[k])
+            assert torch.equal(state["clients"][k][f"mask.{name}"], mask)  # the client holds what the server has
+        changed = sum(int((state["server"]["masks"][k][n] != initial.masks[k][n]).sum()) for n in initial.masks[k])
         assert changed > 0
-    assert not torch.equal(state["masks"][0]["net.1"], state["masks"][1]["net.1"])  # personalized
+    masks = state["server"]["masks"]
+    assert not torch.equal(masks[0]["net.1.weight"], masks[1]["net.1.weight"])  # personalized
 
 
 def test_communication_and_flops_scale_with_density(tmp_path):
@@ -93,8 +92,8 @@ def test_resume_repeats_an_uninterrupted_run_exactly(tmp_path, algorithm):
     assert len(killed.history) == 2
     resumed = run(config, output_dir=tmp_path / "resumed", resume=True)
     assert _semantic(resumed.history) == _semantic(full.history)
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["algorithm"]
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["algorithm"]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["server"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["server"]
     assert all(torch.equal(a["global"][n], b["global"][n]) for n in a["global"])
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2, 3, 4]
