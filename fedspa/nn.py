@@ -38,25 +38,12 @@ class _SparseWeight(nn.Module):
     def _set_pattern(self, pattern: fk.SparseMatrix) -> None:
         for name in _PATTERN_BUFFERS:
             self.register_buffer(name, getattr(pattern, name))
-        # a pattern built from a mask is correct by construction: no full validation on the first forward
-        self._validated_versions = ((self._buffer_ids(), pattern._validated_versions)
-                                    if pattern._validated_versions is not None else None)
 
     def matrix(self) -> fk.SparseMatrix:
-        """The weight as a SparseMatrix over this module's tensors (validated once per pattern change)."""
-        matrix = fk.SparseMatrix(self.crow_indices, self.col_indices, self.values, self.weight_shape,
-                                 ccol_indices=self.ccol_indices, row_indices_t=self.row_indices_t, perm_t=self.perm_t,
-                                 validate=False)
-        versions = getattr(self, "_validated_versions", None)
-        if versions is not None and versions == (self._buffer_ids(), matrix._versions()):
-            matrix._validated_versions = matrix._versions()
-        else:
-            matrix.validate()
-            self._validated_versions = (self._buffer_ids(), matrix._versions())
-        return matrix
-
-    def _buffer_ids(self) -> tuple[int, ...]:
-        return tuple(id(getattr(self, name)) for name in _PATTERN_BUFFERS)
+        """The weight as a SparseMatrix over this module's tensors (the kernels check the pattern they get)."""
+        return fk.SparseMatrix(self.crow_indices, self.col_indices, self.values, self.weight_shape,
+                               ccol_indices=self.ccol_indices, row_indices_t=self.row_indices_t, perm_t=self.perm_t,
+                               validate=False)
 
     @property
     def nnz(self) -> int:

@@ -11,10 +11,9 @@ from . import _library  # noqa: F401  (the fedspa namespace)
 from .ops import scatter_add_aggregate as _scatter_add_aggregate_op  # noqa: F401  (defines the schemas)
 from .ops import spmm as _spmm_op  # noqa: F401
 from .ops import sddmm as _sddmm_op  # noqa: F401
-from .ops import sparse_matmul as _sparse_matmul_op  # noqa: F401
-from .ops import sampled_matmul as _sampled_matmul_op  # noqa: F401
 from .ops import prune_regrow as _prune_regrow_op  # noqa: F401
 from .ops import sparse_conv2d as _sparse_conv2d_op  # noqa: F401
+from .ops import check_csr as _check_csr_op  # noqa: F401
 from . import _extension
 
 _extension.load()  # registers the C++/CUDA kernels; a missing extension leaves the references in place
@@ -28,11 +27,9 @@ from ._backends import (  # noqa: E402
 from .sparse_matrix import SparseMatrix  # noqa: E402
 from ._info import format_system_info, system_info  # noqa: E402
 from .ops.prune_regrow import PruneRegrowResult, prune_regrow, prune_regrow_reference  # noqa: E402
-from .ops.sampled_matmul import masked_matmul, sddmm  # noqa: E402
-from .ops.sddmm import sddmm_reference  # noqa: E402
-from .ops.sparse_conv2d import sparse_conv2d  # noqa: E402
-from .ops.sparse_matmul import sparse_linear, spmm  # noqa: E402
-from .ops.spmm import spmm_reference  # noqa: E402
+from .ops.sddmm import masked_matmul, sddmm, sddmm_reference  # noqa: E402
+from .ops.sparse_conv2d import sparse_conv2d, sparse_conv2d_reference  # noqa: E402
+from .ops.spmm import sparse_linear, spmm, spmm_reference  # noqa: E402
 from .ops.scatter_add_aggregate import (  # noqa: E402
     scatter_add_aggregate,
     scatter_add_aggregate_reference,
@@ -59,6 +56,7 @@ __all__ = [
     "sddmm",
     "sddmm_reference",
     "sparse_conv2d",
+    "sparse_conv2d_reference",
     "sparse_linear",
     "spmm",
     "spmm_reference",

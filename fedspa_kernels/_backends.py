@@ -112,8 +112,10 @@ def _unavailable_reason(name: str, device: torch.device, op: str) -> str | None:
     return f"the triton backend does not run on {device}"
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
-    """The backend that runs `op` on `device`: the explicit one (checked), the forced one, or the best."""
+    """The backend that runs `op` on `device`: the explicit one (checked), the forced one, or the best.
+    (A constant under torch.compile: the choice is made once, when the graph is traced.)"""
     name = backend if backend is not None else _forced.get()
     if name is not None:
         _check_name(name)

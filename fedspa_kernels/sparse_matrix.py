@@ -5,21 +5,19 @@ backward pass: the same nonzeros in column-major (CSC) order, as ``ccol_indices`
 ``row_indices_t`` (int32) and ``perm_t`` (int32, the CSR position of each CSC entry). The pattern changes only
 when a mask is updated, so building the metadata then (O(nnz log nnz), no dense temporary) is cheap relative
 to training; the values change every step and are shared by both orders through ``perm_t``.
+
+Memory safety does not rest on this object: every kernel checks the pattern it is given (see
+``fedspa_kernels._checks``), so a SparseMatrix whose index tensors were edited in place gives a clear error, not
+an out-of-bounds access. Its fields cannot be reassigned; :meth:`validate` runs the full check of both orders.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .ops._csr import (
-    FLOAT_DTYPES,
-    check_structure_metadata,
-    check_structure_values,
-    check_transpose_pair,
-    row_of_each_nonzero,
-)
+from ._checks import FLOAT_DTYPES, INT32_MAX, check_csr, check_csr_metadata, check_transpose_pair, row_of_each_nonzero
 
-_INT32_MAX = 2**31 - 1
+_INT32_MAX = INT32_MAX
 
 
 def _pattern_of(mask: torch.Tensor, shape: torch.Size, device: torch.device, op: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,34 +32,63 @@ def _pattern_of(mask: torch.Tensor, shape: torch.Size, device: torch.device, op:
     if shape[1] > _INT32_MAX:
         raise ValueError(f"{op}: {shape[1]} columns do not fit int32 column indices")
     crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=device)
-    torch.cumsum(mask.sum(dim=1), dim=0, out=crow[1:])
+    crow[1:] = torch.cumsum(mask.sum(dim=1), dim=0)
     return crow, mask.nonzero()[:, 1].to(torch.int32)
 
 
 class SparseMatrix:
     """A (rows x cols) CSR matrix with cached transpose metadata.
 
-    Build it with :meth:`from_dense` (a dense matrix and a boolean mask) or :meth:`from_csr`; ``values`` is a
-    plain tensor (it may require grad, or be an ``nn.Parameter``). The index tensors are read-only by
-    contract: they are validated once, and again only if one of them is modified in place.
+    Build it with :meth:`from_dense` (a dense matrix and a boolean mask), :meth:`from_mask` or :meth:`from_csr`;
+    ``values`` is a plain tensor (it may require grad, or be an ``nn.Parameter``). The fields are read-only;
+    :meth:`with_values` gives the same pattern with other values.
     """
 
-    __slots__ = ("shape", "crow_indices", "col_indices", "values", "ccol_indices", "row_indices_t", "perm_t",
-                 "_validated_versions")
+    __slots__ = ("_shape", "_crow_indices", "_col_indices", "_values", "_ccol_indices", "_row_indices_t", "_perm_t")
 
     def __init__(self, crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
                  shape: tuple[int, int], *, ccol_indices: torch.Tensor, row_indices_t: torch.Tensor,
                  perm_t: torch.Tensor, validate: bool = True) -> None:
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.crow_indices = crow_indices
-        self.col_indices = col_indices
-        self.values = values
-        self.ccol_indices = ccol_indices
-        self.row_indices_t = row_indices_t
-        self.perm_t = perm_t
-        self._validated_versions: tuple[int, ...] | None = None
+        """Wraps ready tensors; the sizes and dtypes are checked here (no data read), the rest by ``validate``."""
+        rows, cols = (int(shape[0]), int(shape[1]))
+        if rows < 0 or cols < 0:
+            raise ValueError(f"SparseMatrix: negative shape {(rows, cols)}")
+        if not isinstance(values, torch.Tensor) or values.dtype not in FLOAT_DTYPES or values.dim() != 1:
+            raise TypeError(f"SparseMatrix: values must be a 1-D floating tensor, got "
+                            f"{values.dtype if isinstance(values, torch.Tensor) else type(values).__name__}")
+        device = values.device
+        check_csr_metadata("SparseMatrix", crow_indices, col_indices, device)
+        check_csr_metadata("SparseMatrix (transpose)", ccol_indices, row_indices_t, device)
+        if not isinstance(perm_t, torch.Tensor) or perm_t.dtype != torch.int32 or perm_t.device != device:
+            raise TypeError("SparseMatrix: perm_t must be an int32 tensor on the values' device")
+        nnz = col_indices.numel()
+        if crow_indices.numel() != rows + 1 or ccol_indices.numel() != cols + 1:
+            raise ValueError(f"SparseMatrix: crow_indices has {crow_indices.numel()} entries and ccol_indices "
+                             f"{ccol_indices.numel()}, expected {rows + 1} and {cols + 1} for shape {(rows, cols)}")
+        if not values.numel() == row_indices_t.numel() == perm_t.numel() == nnz:
+            raise ValueError(f"SparseMatrix: {nnz} nonzeros but {values.numel()} values, {row_indices_t.numel()} "
+                             f"transposed entries and {perm_t.numel()} permutation entries")
+        object.__setattr__(self, "_shape", (rows, cols))
+        for name, t in (("_crow_indices", crow_indices), ("_col_indices", col_indices), ("_values", values),
+                        ("_ccol_indices", ccol_indices), ("_row_indices_t", row_indices_t), ("_perm_t", perm_t)):
+            object.__setattr__(self, name, t)
         if validate:
             self.validate()
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"SparseMatrix is read-only ({name!r}); use with_values() or build a new one")
+
+    def __reduce__(self):  # copy and pickle through the constructor (the fields cannot be set one by one)
+        return (_rebuild, (self.crow_indices, self.col_indices, self.values, self.shape, self.ccol_indices,
+                           self.row_indices_t, self.perm_t))
+
+    shape = property(lambda self: self._shape, doc="(rows, cols)")
+    crow_indices = property(lambda self: self._crow_indices, doc="CSR row pointers (int64, rows + 1)")
+    col_indices = property(lambda self: self._col_indices, doc="CSR column of each nonzero (int32)")
+    values = property(lambda self: self._values, doc="the nonzeros, in CSR order")
+    ccol_indices = property(lambda self: self._ccol_indices, doc="CSC column pointers (int64, cols + 1)")
+    row_indices_t = property(lambda self: self._row_indices_t, doc="CSC row of each nonzero (int32)")
+    perm_t = property(lambda self: self._perm_t, doc="CSR index of each CSC entry (int32)")
 
     # ---------------------------------------------------------------------------------------------- building
     @classmethod
@@ -96,19 +123,35 @@ class SparseMatrix:
     @classmethod
     def from_csr(cls, crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
                  shape: tuple[int, int]) -> SparseMatrix:
-        """From CSR arrays (column indices sorted and unique within each row); validates them."""
+        """From CSR arrays (integer indices; column indices sorted and unique within each row); checks them all
+        before converting (an int64 column beyond int32 is an error, never truncated)."""
         rows, cols = int(shape[0]), int(shape[1])
+        for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices)):
+            if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or t.dim() != 1:
+                raise TypeError(f"from_csr: {name} must be a 1-D int32 or int64 tensor, got "
+                                f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if not isinstance(values, torch.Tensor) or values.dtype not in FLOAT_DTYPES or values.dim() != 1:
+            raise TypeError("from_csr: values must be a 1-D floating tensor")
+        if cols > _INT32_MAX:
+            raise ValueError(f"from_csr: {cols} columns do not fit int32 column indices")
+        if col_indices.numel():
+            low, high = int(col_indices.min()), int(col_indices.max())
+            if low < 0 or high >= cols:
+                bad = int(((col_indices < 0) | (col_indices >= cols)).nonzero()[0, 0])
+                raise ValueError(f"from_csr: col_indices[{bad}] = {int(col_indices[bad])} is outside [0, {cols})")
         crow = crow_indices.to(torch.int64)
         col = col_indices.to(torch.int32)
-        check_structure_metadata("from_csr", crow, col, None, values.device)
+        check_csr_metadata("from_csr", crow, col, values.device)
         if crow.numel() != rows + 1:
             raise ValueError(f"from_csr: crow_indices has {crow.numel()} entries, expected rows + 1 = {rows + 1}")
-        check_structure_values("from_csr", crow, col, None, cols, values.numel())
-        return cls._with_transpose(crow, col, values, (rows, cols), check=True)
+        check_csr("from_csr", crow, col, cols)
+        if values.numel() != col.numel():
+            raise ValueError(f"from_csr: {values.numel()} values for {col.numel()} nonzeros")
+        return cls._with_transpose(crow, col, values, (rows, cols))
 
     @classmethod
-    def _with_transpose(cls, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
-                        check: bool = False) -> SparseMatrix:
+    def _with_transpose(cls, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                        shape: tuple[int, int]) -> SparseMatrix:
         nnz = col.numel()
         if nnz > _INT32_MAX:
             raise ValueError(f"SparseMatrix: {nnz} nonzeros do not fit int32 permutation indices")
@@ -116,31 +159,24 @@ class SparseMatrix:
         row_t = row_of_each_nonzero(crow)[perm].to(torch.int32)
         ccol = torch.zeros(shape[1] + 1, dtype=torch.int64, device=col.device)
         if nnz:
-            torch.cumsum(torch.bincount(col.long(), minlength=shape[1]), dim=0, out=ccol[1:])
-        matrix = cls(crow, col, values, shape, ccol_indices=ccol, row_indices_t=row_t, perm_t=perm.to(torch.int32),
-                     validate=check)
-        if not check:
-            matrix._validated_versions = matrix._versions()  # correct by construction
-        return matrix
+            ccol[1:] = torch.cumsum(torch.bincount(col.long(), minlength=shape[1]), dim=0)
+        return cls(crow, col, values, shape, ccol_indices=ccol, row_indices_t=row_t, perm_t=perm.to(torch.int32),
+                   validate=False)
 
     def with_values(self, values: torch.Tensor) -> SparseMatrix:
         """The same pattern (shared index tensors) with other values."""
         if values.shape != (self.nnz,):
             raise ValueError(f"with_values: expected {self.nnz} values, got shape {tuple(values.shape)}")
-        other = SparseMatrix(self.crow_indices, self.col_indices, values, self.shape, ccol_indices=self.ccol_indices,
-                             row_indices_t=self.row_indices_t, perm_t=self.perm_t, validate=False)
-        other._validated_versions = self._validated_versions
-        return other
+        return SparseMatrix(self.crow_indices, self.col_indices, values, self.shape, ccol_indices=self.ccol_indices,
+                            row_indices_t=self.row_indices_t, perm_t=self.perm_t, validate=False)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SparseMatrix:
         """Moves the pattern and values (values also cast to `dtype`, if given)."""
         move = lambda t: t.to(device) if device is not None else t  # noqa: E731
         values = self.values.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else self.values
-        other = SparseMatrix(move(self.crow_indices), move(self.col_indices), values, self.shape,
-                             ccol_indices=move(self.ccol_indices), row_indices_t=move(self.row_indices_t),
-                             perm_t=move(self.perm_t), validate=False)
-        other._validated_versions = other._versions() if self._validated_versions is not None else None
-        return other
+        return SparseMatrix(move(self.crow_indices), move(self.col_indices), values, self.shape,
+                            ccol_indices=move(self.ccol_indices), row_indices_t=move(self.row_indices_t),
+                            perm_t=move(self.perm_t), validate=False)
 
     # ---------------------------------------------------------------------------------------------- reading
     @property
@@ -189,35 +225,13 @@ class SparseMatrix:
                 f"device={self.device})")
 
     # ---------------------------------------------------------------------------------------------- checking
-    def _versions(self) -> tuple[int, ...]:
-        return tuple(t._version for t in (self.crow_indices, self.col_indices, self.ccol_indices,
-                                          self.row_indices_t, self.perm_t))
-
     def validate(self) -> None:
         """Full check of both orders and their agreement; raises ValueError/TypeError with the offending values."""
         rows, cols = self.shape
-        if rows < 0 or cols < 0:
-            raise ValueError(f"SparseMatrix: negative shape {self.shape}")
-        if self.values.dtype not in FLOAT_DTYPES or self.values.dim() != 1:
-            raise TypeError(f"SparseMatrix: values must be a 1-D floating tensor, got {self.values.dtype} of shape "
-                            f"{tuple(self.values.shape)}")
-        device = self.values.device
-        check_structure_metadata("SparseMatrix", self.crow_indices, self.col_indices, None, device)
-        check_structure_metadata("SparseMatrix (transpose)", self.ccol_indices, self.row_indices_t, self.perm_t,
-                                 device)
-        check_transpose_pair("SparseMatrix", self.crow_indices, self.col_indices, None, self.ccol_indices,
-                             self.row_indices_t, self.perm_t, rows, cols, self.values.numel())
-        if self.nnz:
-            rows_csr = self.row_indices()
-            same_row = rows_csr[1:] == rows_csr[:-1]
-            unsorted = (same_row & (self.col_indices[1:] <= self.col_indices[:-1])).nonzero()
-            if unsorted.numel():
-                k = int(unsorted[0, 0])
-                raise ValueError(f"SparseMatrix: column indices of row {int(rows_csr[k])} are not strictly increasing "
-                                 f"at nonzero {k + 1}: {int(self.col_indices[k])} then {int(self.col_indices[k + 1])}")
-        self._validated_versions = self._versions()
+        check_transpose_pair("SparseMatrix", self.crow_indices, self.col_indices, self.ccol_indices,
+                             self.row_indices_t, self.perm_t, rows, cols)
 
-    def ensure_valid(self) -> None:
-        """Validates again only if an index tensor was modified in place since the last validation."""
-        if self._validated_versions != self._versions():
-            self.validate()
+
+def _rebuild(crow, col, values, shape, ccol, row_t, perm_t) -> SparseMatrix:
+    return SparseMatrix(crow, col, values, shape, ccol_indices=ccol, row_indices_t=row_t, perm_t=perm_t,
+                        validate=False)

@@ -32,6 +32,7 @@
 #endif
 
 #include "fedspa/cpu_features.h"
+#include "fedspa/prune_regrow_checks.h"
 
 
 namespace fedspa {
@@ -567,35 +568,15 @@ void run(std::vector<Layer>& layers) {
   });
 }
 
-bool is_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> prune_regrow_cpu(
     at::TensorList weights, at::TensorList masks, at::TensorList scores, at::IntArrayRef drop_counts) {
+  const bool wide = check_prune_regrow_inputs(kOp, weights, masks, scores, drop_counts);
   const size_t num = weights.size();
-  TORCH_CHECK_VALUE(masks.size() == num && scores.size() == num && drop_counts.size() == num, kOp, ": got ", num,
-                    " weights, ", masks.size(), " masks, ", scores.size(), " scores and ", drop_counts.size(),
-                    " drop counts; one of each per layer");
   std::vector<Layer> layers(num);
-  bool wide = false;
   for (size_t l = 0; l < num; ++l) {
     const at::Tensor& w = weights[l];
     const at::Tensor& m = masks[l];
     const at::Tensor& s = scores[l];
-    TORCH_CHECK_TYPE(is_float(w.scalar_type()), kOp, ": layer ", l, " weights must be floating, got ",
-                     w.scalar_type());
-    TORCH_CHECK_TYPE(is_float(s.scalar_type()), kOp, ": layer ", l, " scores must be floating, got ",
-                     s.scalar_type());
-    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, kOp, ": layer ", l, " mask must be bool, got ", m.scalar_type());
-    TORCH_CHECK_VALUE(m.sizes() == w.sizes() && s.sizes() == w.sizes(), kOp, ": layer ", l, " has weights ",
-                      w.sizes(), ", mask ", m.sizes(), " and scores ", s.sizes(), "; they must have one shape");
-    TORCH_CHECK_VALUE(w.device() == weights[0].device() && m.device() == weights[0].device() &&
-                          s.device() == weights[0].device(),
-                      kOp, ": layer ", l, " has tensors on ", w.device(), ", ", m.device(), " and ", s.device(),
-                      "; all must be on ", weights[0].device());
-    TORCH_CHECK_VALUE(drop_counts[l] >= 0, kOp, ": layer ", l, " drop count must be >= 0, got ", drop_counts[l]);
-    wide |= w.scalar_type() == at::kDouble || s.scalar_type() == at::kDouble;
     Layer& layer = layers[l];
     layer.weights = w.contiguous();
     layer.mask = m.contiguous();

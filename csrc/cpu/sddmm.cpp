@@ -1,4 +1,4 @@
-// CPU kernel of fedspa::sddmm: out[perm(k)] = dot(a[r_k, :], bt[c_k, :]) for every nonzero k of a CSR pattern.
+// CPU kernel of fedspa::sddmm: out[k] = dot(a[r_k, :], bt[c_k, :]) for every nonzero k of a CSR pattern.
 //
 // Two paths, both over threads owning contiguous row ranges:
 //  * row-block (AVX-512, used when a block of rows hits each column about once or more): the nonzeros of a
@@ -174,13 +174,14 @@ __attribute__((target("avx512f,avx2,fma"))) void sddmm_block_slice_avx512(const 
 
 // The row-block path over all rows; acc gets every nonzero's dot product in CSR order.
 void sddmm_row_blocks_avx512(const float* a, const float* bt, const int64_t* crow, const int32_t* col,
-                             int64_t rows, int64_t cols, int64_t K, float* acc) {
+                             int64_t rows, int64_t cols, int64_t K, float* acc, const FusedCsrCheck& check) {
   const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
   at::parallel_for(0, blocks, 1, [&](int64_t block0, int64_t block1) {
     BlockByColumn sorted;
     for (int64_t block = block0; block < block1; ++block) {
       const int64_t r0 = block * kBlockRows;
       const int64_t r1 = std::min(rows, r0 + kBlockRows);
+      if (!check.rows_ok(r0, r1)) continue;  // before the columns index anything
       sorted.build(crow, col, r0, r1, cols);
       const float* a_block = a + r0 * K;
       for (int64_t j0 = 0; j0 < K; j0 += kBlockSlice) {
@@ -214,33 +215,20 @@ bool use_row_blocks(int64_t rows, int64_t cols, int64_t nnz, int64_t K) {
 constexpr int64_t kL2Budget = int64_t{512} << 10;
 constexpr int64_t kSlice = 64;
 
-// out[perm[k]] = acc[k] when the pattern is a transposed order (acc is then a separate buffer).
 template <typename T>
-void scatter_through_perm(const T* acc, const int32_t* perm, int64_t nnz, at::Tensor& out) {
-  if (perm == nullptr) return;
-  T* o = out.data_ptr<T>();
-  at::parallel_for(0, nnz, int64_t{1} << 14, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) o[perm[k]] = acc[k];
-  });
-}
-
-template <typename T>
-void sddmm_impl(const at::Tensor& a, const at::Tensor& bt, const int64_t* crow, const int32_t* col,
-                const int32_t* perm, at::Tensor& out) {
+void sddmm_impl(const at::Tensor& a, const at::Tensor& bt, const int64_t* crow, const int32_t* col, at::Tensor& out,
+                const FusedCsrCheck& check) {
   const int64_t rows = a.size(0);
   const int64_t cols = bt.size(0);
   const int64_t K = a.size(1);
   const T* a_data = a.data_ptr<T>();
   const T* bt_data = bt.data_ptr<T>();
   const int64_t nnz = crow[rows];
-  // Partial sums in CSR order: straight into out, or into a buffer scattered through perm at the end.
-  std::vector<T> buffer(perm != nullptr ? nnz : 0);
-  T* acc = perm != nullptr ? buffer.data() : out.data_ptr<T>();
+  T* acc = out.data_ptr<T>();  // dot products in CSR order
 #if defined(FEDSPA_X86_DISPATCH)
   if constexpr (std::is_same_v<T, float>) {
     if (use_row_blocks(rows, cols, nnz, K) && cpu_has_avx512f()) {
-      sddmm_row_blocks_avx512(a_data, bt_data, crow, col, rows, cols, K, acc);
-      scatter_through_perm(acc, perm, nnz, out);
+      sddmm_row_blocks_avx512(a_data, bt_data, crow, col, rows, cols, K, acc, check);
       return;
     }
   }
@@ -264,6 +252,7 @@ void sddmm_impl(const at::Tensor& a, const at::Tensor& bt, const int64_t* crow, 
   const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(rows, 1) * K);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / per_row);
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    if (!check.rows_ok(r0, r1)) return;  // before any row of bt is read through these rows' columns
     if (K == 0) {
       std::fill(acc + crow[r0], acc + crow[r1], T(0));
       return;
@@ -289,11 +278,9 @@ void sddmm_impl(const at::Tensor& a, const at::Tensor& bt, const int64_t* crow, 
       }
     }
   });
-  scatter_through_perm(acc, perm, nnz, out);
 }
 
-at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& bt, const at::Tensor& crow, const at::Tensor& col,
-                     const c10::optional<at::Tensor>& perm, bool validate) {
+at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& bt, const at::Tensor& crow, const at::Tensor& col) {
   TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble, kOp,
                    " (cpp): a must be float32 or float64, got ", a.scalar_type(),
                    " (half precision runs on the reference, cuda and triton backends)");
@@ -302,25 +289,24 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& bt, const at::Tensor
   TORCH_CHECK_VALUE(a.dim() == 2 && bt.dim() == 2 && a.size(1) == bt.size(1), kOp,
                     ": a (rows x K) and bt (cols x K) must be 2-D with equal K, got ", a.sizes(), " and ", bt.sizes());
   TORCH_CHECK_VALUE(bt.device() == a.device(), kOp, ": bt is on ", bt.device(), " but a is on ", a.device());
-  check_structure_metadata(kOp, crow, col, perm, a.device());
+  check_csr_metadata(kOp, crow, col, a.device());
   TORCH_CHECK_VALUE(crow.numel() == a.size(0) + 1, kOp, ": crow_indices has ", crow.numel(), " entries but a has ",
                     a.size(0), " rows");
-  if (validate) check_structure_values(kOp, crow, col, perm, bt.size(0), col.numel());
-  const at::Tensor a_c = row_major(a);
-  const at::Tensor bt_c = row_major(bt);
   const at::Tensor crow_c = crow.contiguous();
   const at::Tensor col_c = col.contiguous();
-  const at::Tensor perm_c = perm.has_value() ? perm->contiguous() : at::Tensor();
+  const FusedCsrCheck check(kOp, crow_c, col_c, bt.size(0));
+  const at::Tensor a_c = row_major(a);
+  const at::Tensor bt_c = row_major(bt);
   at::Tensor out = at::empty({col.numel()}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sddmm_cpu", [&] {
-    sddmm_impl<scalar_t>(a_c, bt_c, crow_c.data_ptr<int64_t>(), col_c.data_ptr<int32_t>(),
-                         perm.has_value() ? perm_c.data_ptr<int32_t>() : nullptr, out);
+    sddmm_impl<scalar_t>(a_c, bt_c, crow_c.data_ptr<int64_t>(), col_c.data_ptr<int32_t>(), out, check);
   });
+  check.finish();
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fedspa, CPU, m) { m.impl("sddmm", &sddmm_cpu); }
+TORCH_LIBRARY_IMPL(FEDSPA_NAMESPACE, CPU, m) { m.impl("sddmm", &sddmm_cpu); }
 
 }  // namespace fedspa

@@ -1,4 +1,5 @@
-// CPU kernels of the direct sparse convolution (fedspa::spconv2d, spconv2d_input_grad, spconv2d_weight_grad).
+// CPU kernels of the direct sparse convolution (fedspa::sparse_conv2d, sparse_conv2d_input_grad,
+// sparse_conv2d_weight_grad).
 //
 // Activations are feature-major, (C, H, W, N): the batch is the fastest dimension, so each nonzero weight
 // (c, ky, kx) meets, at each output position, a contiguous vector of N inputs. The forward keeps an output
@@ -396,8 +397,8 @@ __attribute__((target("avx2,fma"))) float tap_dot_avx2(const float* gout, const 
 #endif
 
 template <typename T>
-void weight_grad_impl(const T* gout, const T* in, const int64_t* crow, const int32_t* col, const int32_t* perm,
-                      T* out, const Geometry& g) {
+void weight_grad_impl(const T* gout, const T* in, const int64_t* crow, const int32_t* col, T* out,
+                      const Geometry& g) {
   at::parallel_for(0, g.O, 1, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
       for (int64_t k = crow[o]; k < crow[o + 1]; ++k) {
@@ -415,7 +416,7 @@ void weight_grad_impl(const T* gout, const T* in, const int64_t* crow, const int
 #else
         value = tap_dot(gout, in, g, o, c, r / g.kw, r % g.kw);
 #endif
-        out[perm != nullptr ? perm[k] : k] = value;
+        out[k] = value;
       }
     }
   });
@@ -424,74 +425,75 @@ void weight_grad_impl(const T* gout, const T* in, const int64_t* crow, const int
 // ------------------------------------------------------------------------------------------------------------------
 // The ops
 // ------------------------------------------------------------------------------------------------------------------
-at::Tensor spconv2d_cpu(const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
-                        const c10::optional<at::Tensor>& perm, const at::Tensor& input_t, at::IntArrayRef kernel,
-                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool validate) {
-  constexpr const char* op = "spconv2d";
+at::Tensor sparse_conv2d_cpu(const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
+                             const at::Tensor& input_t, at::IntArrayRef kernel, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "sparse_conv2d";
   check_conv_values(op, values, false);
   check_conv_activation(op, "input_t", input_t, values);
-  check_structure_metadata(op, crow, col, perm, values.device());
+  check_csr_metadata(op, crow, col, values.device());
+  TORCH_CHECK_VALUE(values.numel() == col.numel(), op, ": ", values.numel(), " values for ", col.numel(),
+                    " nonzeros");
   const Geometry g = make_conv_geometry(op, input_t.size(0), input_t.size(1), input_t.size(2), input_t.size(3),
-                                   crow.numel() - 1, kernel, stride, padding, dilation);
-  if (validate) check_structure_values(op, crow, col, perm, g.C * g.kh * g.kw, values.numel());
-  const at::Tensor v = perm.has_value() ? values.index_select(0, *perm) : values.contiguous();
-  const at::Tensor in = feature_major(input_t);
+                                        crow.numel() - 1, kernel, stride, padding, dilation);
   const at::Tensor crow_c = crow.contiguous();
   const at::Tensor col_c = col.contiguous();
+  check_csr(op, crow_c, col_c, g.C * g.kh * g.kw);
+  const at::Tensor v = values.contiguous();
+  const at::Tensor in = feature_major(input_t);
   at::Tensor out = at::empty({g.O, g.OH, g.OW, g.N}, input_t.options());
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "spconv2d_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparse_conv2d_cpu", [&] {
     forward_impl<scalar_t>(v.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(), col_c.data_ptr<int32_t>(),
                            in.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g);
   });
   return out;
 }
 
-at::Tensor spconv2d_input_grad_cpu(const at::Tensor& values, const at::Tensor& tcrow, const at::Tensor& tcol,
-                                   const c10::optional<at::Tensor>& tperm, const at::Tensor& grad_out_t,
-                                   at::IntArrayRef input_hw, at::IntArrayRef kernel, at::IntArrayRef stride,
-                                   at::IntArrayRef padding, at::IntArrayRef dilation, bool validate) {
-  constexpr const char* op = "spconv2d_input_grad";
-  check_conv_values(op, values, false);
-  check_conv_activation(op, "grad_out_t", grad_out_t, values);
-  check_structure_metadata(op, tcrow, tcol, tperm, values.device());
+at::Tensor sparse_conv2d_input_grad_cpu(const at::Tensor& values_t, const at::Tensor& tcrow, const at::Tensor& tcol,
+                                        const at::Tensor& grad_out_t, at::IntArrayRef input_hw,
+                                        at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                                        at::IntArrayRef dilation) {
+  constexpr const char* op = "sparse_conv2d_input_grad";
+  check_conv_values(op, values_t, false);
+  check_conv_activation(op, "grad_out_t", grad_out_t, values_t);
+  check_csr_metadata(op, tcrow, tcol, values_t.device());
+  TORCH_CHECK_VALUE(values_t.numel() == tcol.numel(), op, ": ", values_t.numel(), " values for ", tcol.numel(),
+                    " nonzeros");
   const Geometry g = input_grad_geometry(op, tcrow, grad_out_t, input_hw, kernel, stride, padding, dilation);
-  if (validate) check_structure_values(op, tcrow, tcol, tperm, g.O, values.numel());
-  const at::Tensor v = tperm.has_value() ? values.index_select(0, *tperm) : values.contiguous();
-  const at::Tensor gout = feature_major(grad_out_t);
   const at::Tensor tcrow_c = tcrow.contiguous();
   const at::Tensor tcol_c = tcol.contiguous();
+  check_csr(op, tcrow_c, tcol_c, g.O);
+  const at::Tensor v = values_t.contiguous();
+  const at::Tensor gout = feature_major(grad_out_t);
   at::Tensor gin = at::empty({g.C, g.H, g.W, g.N}, grad_out_t.options());
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "spconv2d_input_grad_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(values_t.scalar_type(), "sparse_conv2d_input_grad_cpu", [&] {
     input_grad_dispatch<scalar_t>(v.data_ptr<scalar_t>(), tcrow_c.data_ptr<int64_t>(), tcol_c.data_ptr<int32_t>(),
                                   gout.data_ptr<scalar_t>(), gin.data_ptr<scalar_t>(), g);
   });
   return gin;
 }
 
-at::Tensor spconv2d_weight_grad_cpu(const at::Tensor& grad_out_t, const at::Tensor& input_t, const at::Tensor& crow,
-                                    const at::Tensor& col, const c10::optional<at::Tensor>& perm,
-                                    at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
-                                    at::IntArrayRef dilation, bool validate) {
-  constexpr const char* op = "spconv2d_weight_grad";
+at::Tensor sparse_conv2d_weight_grad_cpu(const at::Tensor& grad_out_t, const at::Tensor& input_t,
+                                         const at::Tensor& crow, const at::Tensor& col, at::IntArrayRef kernel,
+                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "sparse_conv2d_weight_grad";
   TORCH_CHECK_TYPE(input_t.scalar_type() == at::kFloat || input_t.scalar_type() == at::kDouble, op,
                    " (cpp): input_t must be float32 or float64, got ", input_t.scalar_type());
   check_conv_activation(op, "input_t", input_t, input_t);
   check_conv_activation(op, "grad_out_t", grad_out_t, input_t);
-  check_structure_metadata(op, crow, col, perm, input_t.device());
+  check_csr_metadata(op, crow, col, input_t.device());
   const Geometry g = make_conv_geometry(op, input_t.size(0), input_t.size(1), input_t.size(2), input_t.size(3),
                                         crow.numel() - 1, kernel, stride, padding, dilation);
   check_weight_grad_shape(op, grad_out_t, g);
-  if (validate) check_structure_values(op, crow, col, perm, g.C * g.kh * g.kw, col.numel());
-  const at::Tensor gout = feature_major(grad_out_t);
-  const at::Tensor in = feature_major(input_t);
   const at::Tensor crow_c = crow.contiguous();
   const at::Tensor col_c = col.contiguous();
-  const at::Tensor perm_c = perm.has_value() ? perm->contiguous() : at::Tensor();
+  check_csr(op, crow_c, col_c, g.C * g.kh * g.kw);
+  const at::Tensor gout = feature_major(grad_out_t);
+  const at::Tensor in = feature_major(input_t);
   at::Tensor out = at::empty({col.numel()}, input_t.options());
-  AT_DISPATCH_FLOATING_TYPES(input_t.scalar_type(), "spconv2d_weight_grad_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(input_t.scalar_type(), "sparse_conv2d_weight_grad_cpu", [&] {
     weight_grad_impl<scalar_t>(gout.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(),
-                               col_c.data_ptr<int32_t>(), perm.has_value() ? perm_c.data_ptr<int32_t>() : nullptr,
-                               out.data_ptr<scalar_t>(), g);
+                               col_c.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), g);
   });
   return out;
 }
@@ -499,9 +501,9 @@ at::Tensor spconv2d_weight_grad_cpu(const at::Tensor& grad_out_t, const at::Tens
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fedspa, CPU, m) {
-  m.impl("spconv2d", &spconv2d_cpu);
-  m.impl("spconv2d_input_grad", &spconv2d_input_grad_cpu);
-  m.impl("spconv2d_weight_grad", &spconv2d_weight_grad_cpu);
+  m.impl("sparse_conv2d", &sparse_conv2d_cpu);
+  m.impl("sparse_conv2d_input_grad", &sparse_conv2d_input_grad_cpu);
+  m.impl("sparse_conv2d_weight_grad", &sparse_conv2d_weight_grad_cpu);
 }
 
 }  // namespace fedspa

@@ -18,6 +18,8 @@
 #include <tuple>
 #include <vector>
 
+#include "fedspa/prune_regrow_checks.h"
+
 namespace fedspa {
 namespace {
 
@@ -222,10 +224,6 @@ at::Tensor segment_exclusive_cumsum(const at::Tensor& values, const at::Tensor& 
   return exclusive - exclusive.index_select(0, first_block.index_select(0, block_seg));
 }
 
-bool is_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 template <typename V>
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> run(
     at::TensorList weights, at::TensorList masks, at::TensorList scores, at::IntArrayRef drop_counts) {
@@ -363,30 +361,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> prune_regrow_cuda(
     at::TensorList weights, at::TensorList masks, at::TensorList scores, at::IntArrayRef drop_counts) {
-  const size_t num = weights.size();
-  TORCH_CHECK_VALUE(masks.size() == num && scores.size() == num && drop_counts.size() == num, kOp, ": got ", num,
-                    " weights, ", masks.size(), " masks, ", scores.size(), " scores and ", drop_counts.size(),
-                    " drop counts; one of each per layer");
-  if (num == 0) return {};
-  bool wide = false;
-  for (size_t l = 0; l < num; ++l) {
-    const at::Tensor& w = weights[l];
-    const at::Tensor& m = masks[l];
-    const at::Tensor& s = scores[l];
-    TORCH_CHECK_TYPE(is_float(w.scalar_type()), kOp, ": layer ", l, " weights must be floating, got ",
-                     w.scalar_type());
-    TORCH_CHECK_TYPE(is_float(s.scalar_type()), kOp, ": layer ", l, " scores must be floating, got ",
-                     s.scalar_type());
-    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, kOp, ": layer ", l, " mask must be bool, got ", m.scalar_type());
-    TORCH_CHECK_VALUE(m.sizes() == w.sizes() && s.sizes() == w.sizes(), kOp, ": layer ", l, " has weights ",
-                      w.sizes(), ", mask ", m.sizes(), " and scores ", s.sizes(), "; they must have one shape");
-    TORCH_CHECK_VALUE(w.device() == weights[0].device() && m.device() == weights[0].device() &&
-                          s.device() == weights[0].device(),
-                      kOp, ": layer ", l, " has tensors on ", w.device(), ", ", m.device(), " and ", s.device(),
-                      "; all must be on ", weights[0].device());
-    TORCH_CHECK_VALUE(drop_counts[l] >= 0, kOp, ": layer ", l, " drop count must be >= 0, got ", drop_counts[l]);
-    wide |= w.scalar_type() == at::kDouble || s.scalar_type() == at::kDouble;
-  }
+  const bool wide = check_prune_regrow_inputs(kOp, weights, masks, scores, drop_counts);
+  if (weights.empty()) return {};
   const c10::cuda::CUDAGuard guard(weights[0].device());
   return wide ? run<double>(weights, masks, scores, drop_counts) : run<float>(weights, masks, scores, drop_counts);
 }

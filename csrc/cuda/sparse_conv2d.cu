@@ -1,4 +1,5 @@
-// CUDA kernels of the direct sparse convolution (fedspa::spconv2d, spconv2d_input_grad, spconv2d_weight_grad).
+// CUDA kernels of the direct sparse convolution (fedspa::sparse_conv2d, sparse_conv2d_input_grad,
+// sparse_conv2d_weight_grad).
 //
 // Activations are (C, H, W, N): consecutive threads own consecutive batch elements of a position, so every tap
 // read is coalesced along the batch.
@@ -10,7 +11,7 @@
 //   reads grad_out at the output position its tap maps to, if there is one.
 // - weight gradient: a block per nonzero (grid-stride); its threads sum grad_out x input products over the
 //   positions where the tap lands inside the input and the batch, then reduce in shared memory.
-// Accumulates in fp32 (fp64 for fp64). Values reached through a permutation are gathered first, as on the CPU.
+// Accumulates in fp32 (fp64 for fp64).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -140,8 +141,7 @@ __global__ void input_grad_kernel(const scalar_t* __restrict__ values_t, const i
 template <typename scalar_t, typename acc_t>
 __global__ void weight_grad_kernel(const scalar_t* __restrict__ gout, const scalar_t* __restrict__ in,
                                    const int64_t* __restrict__ rows, const int32_t* __restrict__ col,
-                                   const int32_t* __restrict__ perm, scalar_t* __restrict__ out, int64_t nnz,
-                                   DeviceGeometry g) {
+                                   scalar_t* __restrict__ out, int64_t nnz, DeviceGeometry g) {
   __shared__ acc_t s_sum[kThreads];
   const int64_t elements = g.OH * g.OW * g.N;
   for (int64_t k = blockIdx.x; k < nnz; k += gridDim.x) {
@@ -168,7 +168,7 @@ __global__ void weight_grad_kernel(const scalar_t* __restrict__ gout, const scal
       if (threadIdx.x < half) s_sum[threadIdx.x] += s_sum[threadIdx.x + half];
       __syncthreads();
     }
-    if (threadIdx.x == 0) out[perm != nullptr ? perm[k] : k] = static_cast<scalar_t>(s_sum[0]);
+    if (threadIdx.x == 0) out[k] = static_cast<scalar_t>(s_sum[0]);
     __syncthreads();
   }
 }
@@ -178,27 +178,29 @@ unsigned blocks_for(int64_t elements) {
                                                                       kMaxBlocksX)));
 }
 
-at::Tensor spconv2d_cuda(const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
-                         const c10::optional<at::Tensor>& perm, const at::Tensor& input_t, at::IntArrayRef kernel,
-                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool validate) {
-  constexpr const char* op = "spconv2d";
+at::Tensor sparse_conv2d_cuda(const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
+                              const at::Tensor& input_t, at::IntArrayRef kernel, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "sparse_conv2d";
   check_conv_values(op, values, true);
   check_conv_activation(op, "input_t", input_t, values);
-  check_structure_metadata(op, crow, col, perm, values.device());
+  check_csr_metadata(op, crow, col, values.device());
+  TORCH_CHECK_VALUE(values.numel() == col.numel(), op, ": ", values.numel(), " values for ", col.numel(),
+                    " nonzeros");
   const ConvGeometry g = make_conv_geometry(op, input_t.size(0), input_t.size(1), input_t.size(2), input_t.size(3),
                                             crow.numel() - 1, kernel, stride, padding, dilation);
   TORCH_CHECK_VALUE(g.O <= 65535, op, ": at most 65535 output channels on CUDA, got ", g.O);
   const c10::cuda::CUDAGuard guard(values.device());
-  if (validate) check_structure_values(op, crow, col, perm, g.C * g.kh * g.kw, values.numel());
-  at::Tensor out = at::empty({g.O, g.OH, g.OW, g.N}, input_t.options());
-  if (out.numel() == 0) return out;
-  const at::Tensor v = perm.has_value() ? values.index_select(0, *perm) : values.contiguous();
-  const at::Tensor in = input_t.contiguous();
   const at::Tensor crow_c = crow.contiguous();
   const at::Tensor col_c = col.contiguous();
+  check_csr(op, crow_c, col_c, g.C * g.kh * g.kw);
+  at::Tensor out = at::empty({g.O, g.OH, g.OW, g.N}, input_t.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor v = values.contiguous();
+  const at::Tensor in = input_t.contiguous();
   const dim3 grid(blocks_for(g.OH * g.OW * g.N), static_cast<unsigned>(g.O));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spconv2d_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     forward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
         v.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(), col_c.data_ptr<int32_t>(), in.data_ptr<scalar_t>(),
@@ -208,27 +210,30 @@ at::Tensor spconv2d_cuda(const at::Tensor& values, const at::Tensor& crow, const
   return out;
 }
 
-at::Tensor spconv2d_input_grad_cuda(const at::Tensor& values, const at::Tensor& tcrow, const at::Tensor& tcol,
-                                    const c10::optional<at::Tensor>& tperm, const at::Tensor& grad_out_t,
-                                    at::IntArrayRef input_hw, at::IntArrayRef kernel, at::IntArrayRef stride,
-                                    at::IntArrayRef padding, at::IntArrayRef dilation, bool validate) {
-  constexpr const char* op = "spconv2d_input_grad";
-  check_conv_values(op, values, true);
-  check_conv_activation(op, "grad_out_t", grad_out_t, values);
-  check_structure_metadata(op, tcrow, tcol, tperm, values.device());
+at::Tensor sparse_conv2d_input_grad_cuda(const at::Tensor& values_t, const at::Tensor& tcrow, const at::Tensor& tcol,
+                                         const at::Tensor& grad_out_t, at::IntArrayRef input_hw,
+                                         at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation) {
+  constexpr const char* op = "sparse_conv2d_input_grad";
+  check_conv_values(op, values_t, true);
+  check_conv_activation(op, "grad_out_t", grad_out_t, values_t);
+  check_csr_metadata(op, tcrow, tcol, values_t.device());
+  TORCH_CHECK_VALUE(values_t.numel() == tcol.numel(), op, ": ", values_t.numel(), " values for ", tcol.numel(),
+                    " nonzeros");
   const ConvGeometry g = input_grad_geometry(op, tcrow, grad_out_t, input_hw, kernel, stride, padding, dilation);
   TORCH_CHECK_VALUE(g.C <= 65535, op, ": at most 65535 input channels on CUDA, got ", g.C);
-  const c10::cuda::CUDAGuard guard(values.device());
-  if (validate) check_structure_values(op, tcrow, tcol, tperm, g.O, values.numel());
-  at::Tensor gin = at::empty({g.C, g.H, g.W, g.N}, grad_out_t.options());
-  if (gin.numel() == 0) return gin;
-  const at::Tensor v = tperm.has_value() ? values.index_select(0, *tperm) : values.contiguous();
-  const at::Tensor gout = grad_out_t.contiguous();
+  const c10::cuda::CUDAGuard guard(values_t.device());
   const at::Tensor tcrow_c = tcrow.contiguous();
   const at::Tensor tcol_c = tcol.contiguous();
+  check_csr(op, tcrow_c, tcol_c, g.O);
+  at::Tensor gin = at::empty({g.C, g.H, g.W, g.N}, grad_out_t.options());
+  if (gin.numel() == 0) return gin;
+  const at::Tensor v = values_t.contiguous();
+  const at::Tensor gout = grad_out_t.contiguous();
   const dim3 grid(blocks_for(g.H * g.W * g.N), static_cast<unsigned>(g.C));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spconv2d_input_grad_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values_t.scalar_type(), "sparse_conv2d_input_grad_cuda",
+                                  [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     input_grad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
         v.data_ptr<scalar_t>(), tcrow_c.data_ptr<int64_t>(), tcol_c.data_ptr<int32_t>(), gout.data_ptr<scalar_t>(),
@@ -238,39 +243,37 @@ at::Tensor spconv2d_input_grad_cuda(const at::Tensor& values, const at::Tensor& 
   return gin;
 }
 
-at::Tensor spconv2d_weight_grad_cuda(const at::Tensor& grad_out_t, const at::Tensor& input_t, const at::Tensor& crow,
-                                     const at::Tensor& col, const c10::optional<at::Tensor>& perm,
-                                     at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
-                                     at::IntArrayRef dilation, bool validate) {
-  constexpr const char* op = "spconv2d_weight_grad";
+at::Tensor sparse_conv2d_weight_grad_cuda(const at::Tensor& grad_out_t, const at::Tensor& input_t,
+                                          const at::Tensor& crow, const at::Tensor& col, at::IntArrayRef kernel,
+                                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "sparse_conv2d_weight_grad";
   const auto dtype = input_t.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
                    ": input_t must be floating, got ", dtype);
   check_conv_activation(op, "input_t", input_t, input_t);
   check_conv_activation(op, "grad_out_t", grad_out_t, input_t);
-  check_structure_metadata(op, crow, col, perm, input_t.device());
+  check_csr_metadata(op, crow, col, input_t.device());
   const ConvGeometry g = make_conv_geometry(op, input_t.size(0), input_t.size(1), input_t.size(2), input_t.size(3),
                                             crow.numel() - 1, kernel, stride, padding, dilation);
   check_weight_grad_shape(op, grad_out_t, g);
   const c10::cuda::CUDAGuard guard(input_t.device());
-  if (validate) check_structure_values(op, crow, col, perm, g.C * g.kh * g.kw, col.numel());
+  const at::Tensor crow_c = crow.contiguous();
+  const at::Tensor col_c = col.contiguous();
+  check_csr(op, crow_c, col_c, g.C * g.kh * g.kw);
   const int64_t nnz = col.numel();
   at::Tensor out = at::empty({nnz}, input_t.options());
   if (nnz == 0) return out;
   const at::Tensor gout = grad_out_t.contiguous();
   const at::Tensor in = input_t.contiguous();
-  const at::Tensor crow_c = crow.contiguous();
   const at::Tensor counts = crow_c.slice(0, 1) - crow_c.slice(0, 0, -1);
   const at::Tensor rows = at::repeat_interleave(at::arange(g.O, crow.options()), counts, /*dim=*/0, /*output_size=*/nnz);
-  const at::Tensor col_c = col.contiguous();
-  const at::Tensor perm_c = perm.has_value() ? perm->contiguous() : at::Tensor();
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(nnz, int64_t{1} << 30));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "spconv2d_weight_grad_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sparse_conv2d_weight_grad_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     weight_grad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
         gout.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), col_c.data_ptr<int32_t>(),
-        perm.has_value() ? perm_c.data_ptr<int32_t>() : nullptr, out.data_ptr<scalar_t>(), nnz, to_device(g));
+        out.data_ptr<scalar_t>(), nnz, to_device(g));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -279,9 +282,9 @@ at::Tensor spconv2d_weight_grad_cuda(const at::Tensor& grad_out_t, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fedspa, CUDA, m) {
-  m.impl("spconv2d", &spconv2d_cuda);
-  m.impl("spconv2d_input_grad", &spconv2d_input_grad_cuda);
-  m.impl("spconv2d_weight_grad", &spconv2d_weight_grad_cuda);
+  m.impl("sparse_conv2d", &sparse_conv2d_cuda);
+  m.impl("sparse_conv2d_input_grad", &sparse_conv2d_input_grad_cuda);
+  m.impl("sparse_conv2d_weight_grad", &sparse_conv2d_weight_grad_cuda);
 }
 
 }  // namespace fedspa

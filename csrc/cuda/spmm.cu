@@ -3,8 +3,7 @@
 // A block computes a 128-wide slice of output columns for one row at a time (grid-stride over rows and
 // column slices). The row's nonzeros are staged through shared memory 128 at a time; each thread then owns
 // one output column and walks them, so consecutive threads read consecutive elements of each dense row
-// (coalesced). Accumulates in fp32 (fp64 for fp64). Values reached through perm are gathered into CSR
-// order first, as on the CPU.
+// (coalesced). Accumulates in fp32 (fp64 for fp64).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -53,8 +52,7 @@ __global__ void spmm_kernel(const scalar_t* __restrict__ values, const int64_t* 
   }
 }
 
-at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
-                     const c10::optional<at::Tensor>& perm, const at::Tensor& dense, bool validate) {
+at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& dense) {
   TORCH_CHECK_TYPE(values.dim() == 1 && (values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble ||
                                          values.scalar_type() == at::kHalf || values.scalar_type() == at::kBFloat16),
                    kOp, ": values must be a 1-D floating tensor, got ", values.scalar_type(), " of shape ",
@@ -64,12 +62,14 @@ at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& crow, const at:
                    " but values are ", values.scalar_type());
   TORCH_CHECK_VALUE(dense.device() == values.device(), kOp, ": dense is on ", dense.device(), " but values are on ",
                     values.device());
-  check_structure_metadata(kOp, crow, col, perm, values.device());
+  check_csr_metadata(kOp, crow, col, values.device());
+  TORCH_CHECK_VALUE(values.numel() == col.numel(), kOp, ": ", values.numel(), " values for ", col.numel(),
+                    " nonzeros");
   const c10::cuda::CUDAGuard guard(values.device());
-  if (validate) check_structure_values(kOp, crow, col, perm, dense.size(0), values.numel());
-  const at::Tensor values_c = perm.has_value() ? values.index_select(0, *perm) : values.contiguous();
   const at::Tensor crow_c = crow.contiguous();
   const at::Tensor col_c = col.contiguous();
+  check_csr(kOp, crow_c, col_c, dense.size(0));
+  const at::Tensor values_c = values.contiguous();
   const at::Tensor dense_c = dense.contiguous();
   const int64_t rows = crow.numel() - 1;
   const int64_t n = dense.size(1);

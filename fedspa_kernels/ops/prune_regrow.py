@@ -23,15 +23,10 @@ from typing import NamedTuple
 import torch
 
 from .._backends import resolve_backend
-from .._library import LIB, define
+from .._checks import check_drop_counts, check_prune_regrow_counts, check_prune_regrow_inputs
+from .._op import KernelOp
 
 PRUNE_REGROW = "prune_regrow"
-_SCHEMA = ("(Tensor[] weights, Tensor[] masks, Tensor[] scores, int[] drop_counts) -> "
-           "(Tensor[] new_masks, Tensor[] pruned, Tensor[] regrown)")
-define(PRUNE_REGROW, _SCHEMA)
-define(PRUNE_REGROW + "_triton", _SCHEMA)
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class PruneRegrowResult(NamedTuple):
@@ -40,37 +35,6 @@ class PruneRegrowResult(NamedTuple):
     masks: list[torch.Tensor]
     pruned: list[torch.Tensor]
     regrown: list[torch.Tensor]
-
-
-def check_inputs(op: str, weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
-                 scores: Sequence[torch.Tensor], drop_counts: Sequence[int]) -> None:
-    """Everything that can be checked without reading the data."""
-    if not (len(weights) == len(masks) == len(scores) == len(drop_counts)):
-        raise ValueError(f"{op}: got {len(weights)} weights, {len(masks)} masks, {len(scores)} scores and "
-                         f"{len(drop_counts)} drop counts; one of each per layer")
-    device = weights[0].device if weights else None
-    for l, (w, m, s, k) in enumerate(zip(weights, masks, scores, drop_counts)):
-        if w.dtype not in _FLOATS:
-            raise TypeError(f"{op}: layer {l} weights must be floating, got {w.dtype}")
-        if s.dtype not in _FLOATS:
-            raise TypeError(f"{op}: layer {l} scores must be floating, got {s.dtype}")
-        if m.dtype != torch.bool:
-            raise TypeError(f"{op}: layer {l} mask must be bool, got {m.dtype}")
-        if m.shape != w.shape or s.shape != w.shape:
-            raise ValueError(f"{op}: layer {l} has weights {tuple(w.shape)}, mask {tuple(m.shape)} and scores "
-                             f"{tuple(s.shape)}; they must have one shape")
-        if w.device != device or m.device != device or s.device != device:
-            raise ValueError(f"{op}: layer {l} has tensors on {w.device}, {m.device} and {s.device}; all must be on "
-                             f"{device}")
-        if k < 0:
-            raise ValueError(f"{op}: layer {l} drop count must be >= 0, got {k}")
-
-
-def check_counts(op: str, layer: int, k: int, active: int, inactive: int) -> None:
-    if k > active:
-        raise ValueError(f"{op}: layer {layer} drops {k} weights but has only {active} active")
-    if k > inactive:
-        raise ValueError(f"{op}: layer {layer} regrows {k} weights but has only {inactive} inactive positions")
 
 
 def _first(mask: torch.Tensor) -> int:
@@ -93,13 +57,13 @@ def prune_regrow_reference(weights: Sequence[torch.Tensor], masks: Sequence[torc
                            scores: Sequence[torch.Tensor],
                            drop_counts: Sequence[int]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Pure-PyTorch fedspa::prune_regrow: torch.topk per layer, ties resolved by index."""
-    check_inputs(PRUNE_REGROW, weights, masks, scores, drop_counts)
+    check_prune_regrow_inputs(PRUNE_REGROW, weights, masks, scores, drop_counts)
     plans = []
     for l, (w, m, s, k) in enumerate(zip(weights, masks, scores, drop_counts)):
         flat_mask = m.reshape(-1)
         active = flat_mask.nonzero().squeeze(1)
         inactive = (~flat_mask).nonzero().squeeze(1)
-        check_counts(PRUNE_REGROW, l, k, active.numel(), inactive.numel())
+        check_prune_regrow_counts(PRUNE_REGROW, l, k, active.numel(), inactive.numel())
         magnitude = w.reshape(-1).abs().float() if w.dtype != torch.float64 else w.reshape(-1).abs()
         score = s.reshape(-1).float() if s.dtype != torch.float64 else s.reshape(-1)
         bad = magnitude[active].isnan()
@@ -129,17 +93,12 @@ def _fake(weights, masks, scores, drop_counts):
             [m.new_empty(k, dtype=torch.int64) for m, k in zip(masks, drop_counts)])
 
 
-def _triton(weights, masks, scores, drop_counts):
-    from ..triton_kernels.prune_regrow import prune_regrow_triton
-
-    return prune_regrow_triton(weights, masks, scores, drop_counts)
-
-
-LIB.impl(PRUNE_REGROW, prune_regrow_reference, "CompositeExplicitAutograd")
-for _key in ("CPU", "CUDA"):
-    LIB.impl(PRUNE_REGROW + "_triton", _triton, _key)
-torch.library.register_fake(f"fedspa::{PRUNE_REGROW}", _fake, lib=LIB)
-torch.library.register_fake(f"fedspa::{PRUNE_REGROW}_triton", _fake, lib=LIB)
+PRUNE_REGROW_OP = KernelOp(
+    PRUNE_REGROW,
+    "(Tensor[] weights, Tensor[] masks, Tensor[] scores, int[] drop_counts) -> "
+    "(Tensor[] new_masks, Tensor[] pruned, Tensor[] regrown)",
+    reference=prune_regrow_reference, fake=_fake,
+    triton="fedspa_kernels.triton_kernels.prune_regrow:prune_regrow_triton")
 
 
 def prune_regrow(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], scores: Sequence[torch.Tensor],
@@ -164,16 +123,11 @@ def prune_regrow(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
     for name, seq in (("weights", weights), ("masks", masks), ("scores", scores)):
         if not all(isinstance(t, torch.Tensor) for t in seq):
             raise TypeError(f"{PRUNE_REGROW}: {name} must be a sequence of tensors, one per layer")
-    counts = [int(k) for k in (drop_counts.tolist() if isinstance(drop_counts, torch.Tensor) else drop_counts)]
-    check_inputs(PRUNE_REGROW, weights, masks, scores, counts)
+    counts = check_drop_counts(PRUNE_REGROW, drop_counts)
+    check_prune_regrow_inputs(PRUNE_REGROW, weights, masks, scores, counts)
     if not weights:
         return PruneRegrowResult([], [], []) if return_indices else []
     chosen = resolve_backend(backend, weights[0].device, PRUNE_REGROW)
-    if chosen == "reference":
-        result = prune_regrow_reference(weights, masks, scores, counts)
-    elif chosen == "triton":
-        result = torch.ops.fedspa.prune_regrow_triton(weights, masks, scores, counts)
-    else:
-        result = torch.ops.fedspa.prune_regrow(weights, masks, scores, counts)
+    result = PRUNE_REGROW_OP.kernel(chosen)(weights, masks, scores, counts)
     new_masks, pruned, regrown = (list(part) for part in result)
     return PruneRegrowResult(new_masks, pruned, regrown) if return_indices else new_masks

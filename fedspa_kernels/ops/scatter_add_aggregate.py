@@ -16,7 +16,8 @@ Ops (namespace ``fedspa``; one schema each, shared by the triton twin):
 
 `weights` is a 1-D tensor (one entry per client) on the values' device whose dtype is the accumulation and
 output dtype (float32, or float64). Kernels: the reference below (default), C++ CPU and CUDA
-(csrc/*/scatter_add_aggregate.*), Triton (fedspa_kernels/triton_kernels/scatter_add_aggregate.py).
+(csrc/*/scatter_add_aggregate.*), Triton (fedspa_kernels/triton_kernels/scatter_add_aggregate.py); every one
+checks every index and value before any result is returned.
 """
 
 from __future__ import annotations
@@ -28,98 +29,12 @@ from typing import Literal
 import torch
 
 from .._backends import resolve_backend
-from .._library import LIB, define
+from .._checks import (INDEX_DTYPES, check_scatter_inputs, check_scatter_previous, check_scatter_weights, first_true,
+                       out_of_range, raise_first_invalid)
+from .._op import KernelOp
 
 AGGREGATE = "scatter_add_aggregate"
 AVERAGE = "scatter_add_average"
-_AGGREGATE_SCHEMA = (
-    "(Tensor[] indices, Tensor[] values, Tensor weights, SymInt n, bool weighted_coverage=False) -> (Tensor, Tensor)"
-)
-_AVERAGE_SCHEMA = "(Tensor[] indices, Tensor[] values, Tensor weights, Tensor previous) -> Tensor"
-
-define(AGGREGATE, _AGGREGATE_SCHEMA)
-define(AGGREGATE + "_triton", _AGGREGATE_SCHEMA)
-define(AVERAGE, _AVERAGE_SCHEMA)
-define(AVERAGE + "_triton", _AVERAGE_SCHEMA)
-
-_INDEX_DTYPES = (torch.int32, torch.int64)
-_VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Checks shared by the reference and the Triton launcher (the C++ kernels make the same checks, same messages)
-# --------------------------------------------------------------------------------------------------------------
-def check_inputs(op: str, indices: Sequence[torch.Tensor], values: Sequence[torch.Tensor], weights: torch.Tensor,
-                 n: int) -> None:
-    """Raises TypeError/ValueError for anything wrong that can be seen without reading the data."""
-    if n < 0:
-        raise ValueError(f"{op}: n must be >= 0, got {n}")
-    if len(indices) != len(values):
-        raise ValueError(
-            f"{op}: got {len(indices)} index tensors but {len(values)} value tensors (one of each per client)"
-        )
-    if weights.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{op}: weights must be float32 or float64 (the accumulation dtype), got {weights.dtype}")
-    if weights.dim() != 1 or weights.numel() != len(indices):
-        raise ValueError(
-            f"{op}: weights must be a 1-D tensor with one entry per client ({len(indices)}), "
-            f"got shape {tuple(weights.shape)}"
-        )
-    for c, (idx, val) in enumerate(zip(indices, values)):
-        if idx.device != weights.device or val.device != weights.device:
-            raise ValueError(
-                f"{op}: client {c} has indices on {idx.device} and values on {val.device}, but weights are on "
-                f"{weights.device}; all tensors must be on one device"
-            )
-        if idx.dtype not in _INDEX_DTYPES:
-            raise TypeError(f"{op}: client {c} indices must be int32 or int64, got {idx.dtype}")
-        if val.dtype not in _VALUE_DTYPES:
-            raise TypeError(f"{op}: client {c} values must be float16, bfloat16, float32 or float64, got {val.dtype}")
-        if idx.dtype != indices[0].dtype:
-            raise TypeError(f"{op}: client {c} indices are {idx.dtype} but client 0's are {indices[0].dtype}; "
-                            "use one index dtype for all clients")
-        if val.dtype != values[0].dtype:
-            raise TypeError(f"{op}: client {c} values are {val.dtype} but client 0's are {values[0].dtype}; "
-                            "use one value dtype for all clients")
-        if idx.dim() != 1 or val.dim() != 1:
-            raise ValueError(f"{op}: client {c} indices and values must be 1-D, got shapes {tuple(idx.shape)} "
-                             f"and {tuple(val.shape)}")
-        if idx.numel() != val.numel():
-            raise ValueError(f"{op}: client {c} has {idx.numel()} indices but {val.numel()} values")
-
-
-def check_weight_values(op: str, weights: torch.Tensor) -> None:
-    """Weights must be finite and >= 0."""
-    for c, w in enumerate(weights.tolist()):
-        if not (w >= 0 and w != float("inf")):  # also rejects NaN
-            raise ValueError(f"{op}: client {c} has weight {w:g}; weights must be finite and >= 0")
-
-
-def check_previous(op: str, previous: torch.Tensor, weights: torch.Tensor) -> None:
-    if previous.dtype not in _VALUE_DTYPES:
-        raise TypeError(f"{op}: previous must be a floating tensor, got {previous.dtype}")
-    if previous.device != weights.device:
-        raise ValueError(f"{op}: previous is on {previous.device} but weights are on {weights.device}")
-
-
-def raise_first_invalid(op: str, indices: Sequence[torch.Tensor], values: Sequence[torch.Tensor], n: int,
-                        first_bad_index: Sequence[int | None], first_non_finite: Sequence[int | None]) -> None:
-    """Raises for the lowest client with a bad index, else the lowest with a non-finite value."""
-    for c, pos in enumerate(first_bad_index):
-        if pos is not None:
-            raise ValueError(
-                f"{op}: client {c} has index {int(indices[c][pos])} at position {pos}, outside [0, {n})"
-            )
-    for c, pos in enumerate(first_non_finite):
-        if pos is not None:
-            raise ValueError(
-                f"{op}: client {c} has a non-finite value ({float(values[c][pos]):g}) at position {pos}"
-            )
-
-
-def _first_true(mask: torch.Tensor) -> int | None:
-    hits = mask.nonzero()
-    return int(hits[0, 0]) if hits.numel() else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -127,12 +42,12 @@ def _first_true(mask: torch.Tensor) -> int | None:
 # --------------------------------------------------------------------------------------------------------------
 def _reference(op: str, indices: Sequence[torch.Tensor], values: Sequence[torch.Tensor], weights: torch.Tensor,
                n: int, weighted_coverage: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    check_inputs(op, indices, values, weights, n)
-    check_weight_values(op, weights)
+    check_scatter_inputs(op, indices, values, weights, n)
+    check_scatter_weights(op, weights)
     raise_first_invalid(
         op, indices, values, n,
-        [_first_true((idx < 0) | (idx >= n)) for idx in indices],
-        [_first_true(~torch.isfinite(val)) for val in values],
+        [first_true(out_of_range(idx, n)) for idx in indices],
+        [first_true(~torch.isfinite(val)) for val in values],
     )
     total = torch.zeros(n, dtype=weights.dtype, device=weights.device)
     coverage = torch.zeros(n, dtype=weights.dtype, device=weights.device)
@@ -155,7 +70,7 @@ def scatter_add_aggregate_reference(indices: Sequence[torch.Tensor], values: Seq
 def scatter_add_average_reference(indices: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
                                   weights: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """Pure-PyTorch fedspa::scatter_add_average: weighted mean over the holders, `previous` elsewhere."""
-    check_previous(AVERAGE, previous, weights)
+    check_scatter_previous(AVERAGE, previous, weights)
     total, coverage = _reference(AVERAGE, indices, values, weights, previous.numel(), True)
     average = torch.where(coverage > 0, total / coverage, previous.reshape(-1).to(weights.dtype))
     return average.to(previous.dtype).reshape(previous.shape)
@@ -176,26 +91,15 @@ def _average_fake(indices, values, weights, previous):
     return torch.empty_like(previous, memory_format=torch.contiguous_format)
 
 
-def _aggregate_triton(indices, values, weights, n, weighted_coverage=False):
-    from ..triton_kernels.scatter_add_aggregate import scatter_add_aggregate_triton
-
-    return scatter_add_aggregate_triton(indices, values, weights, n, weighted_coverage)
-
-
-def _average_triton(indices, values, weights, previous):
-    from ..triton_kernels.scatter_add_aggregate import scatter_add_average_triton
-
-    return scatter_add_average_triton(indices, values, weights, previous)
-
-
-LIB.impl(AGGREGATE, scatter_add_aggregate_reference, "CompositeExplicitAutograd")
-LIB.impl(AVERAGE, scatter_add_average_reference, "CompositeExplicitAutograd")
-for _key in ("CPU", "CUDA"):
-    LIB.impl(AGGREGATE + "_triton", _aggregate_triton, _key)
-    LIB.impl(AVERAGE + "_triton", _average_triton, _key)
-for _name, _fake in ((AGGREGATE, _aggregate_fake), (AVERAGE, _average_fake)):
-    torch.library.register_fake(f"fedspa::{_name}", _fake, lib=LIB)
-    torch.library.register_fake(f"fedspa::{_name}_triton", _fake, lib=LIB)
+SCATTER_ADD_AGGREGATE = KernelOp(
+    AGGREGATE,
+    "(Tensor[] indices, Tensor[] values, Tensor weights, SymInt n, bool weighted_coverage=False) -> (Tensor, Tensor)",
+    reference=scatter_add_aggregate_reference, fake=_aggregate_fake,
+    triton="fedspa_kernels.triton_kernels.scatter_add_aggregate:scatter_add_aggregate_triton")
+SCATTER_ADD_AVERAGE = KernelOp(
+    AVERAGE, "(Tensor[] indices, Tensor[] values, Tensor weights, Tensor previous) -> Tensor",
+    reference=scatter_add_average_reference, fake=_average_fake,
+    triton="fedspa_kernels.triton_kernels.scatter_add_aggregate:scatter_add_average_triton")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -224,7 +128,7 @@ def _weights_tensor(op: str, weights, num_clients: int, dtype: torch.dtype, devi
     if isinstance(weights, torch.Tensor):
         if weights.device != device:
             raise ValueError(f"{op}: weights are on {weights.device} but the updates are on {device}")
-        if not (weights.is_floating_point() or weights.dtype in _INDEX_DTYPES):
+        if not (weights.is_floating_point() or weights.dtype in INDEX_DTYPES):
             raise TypeError(f"{op}: weights must be a real tensor, got {weights.dtype}")
         return weights.detach().to(dtype).reshape(-1) if weights.dim() <= 1 else weights.to(dtype)
     try:
@@ -249,7 +153,7 @@ def _prepare(op: str, indices: TensorList, values: TensorList, n: int, weights,
     acc = _accumulation_dtype(*(v.dtype for v in val_list[:1]), *extra_dtypes,
                               *((weights.dtype,) if isinstance(weights, torch.Tensor) else ()))
     w = _weights_tensor(op, weights, len(idx_list), acc, device)
-    check_inputs(op, idx_list, val_list, w, n)
+    check_scatter_inputs(op, idx_list, val_list, w, n)
     return idx_list, val_list, w, device
 
 
@@ -294,10 +198,7 @@ def scatter_add_aggregate(
     idx_list, val_list, w, dev = _prepare(AGGREGATE, indices, values, n, weights, (), device)
     weighted = coverage == "weight"
     chosen = resolve_backend(backend, dev, AGGREGATE)
-    if chosen == "reference":
-        return scatter_add_aggregate_reference(idx_list, val_list, w, n, weighted)
-    op = torch.ops.fedspa.scatter_add_aggregate_triton if chosen == "triton" else torch.ops.fedspa.scatter_add_aggregate
-    return op(idx_list, val_list, w, n, weighted)
+    return SCATTER_ADD_AGGREGATE.kernel(chosen)(idx_list, val_list, w, n, weighted)
 
 
 def scatter_add_average(
@@ -324,11 +225,8 @@ def scatter_add_average(
         raise TypeError(f"{AVERAGE}: previous must be a torch.Tensor, got {type(previous).__name__}")
     idx_list, val_list, w, dev = _prepare(AVERAGE, indices, values, previous.numel(), weights, (previous.dtype,),
                                           previous.device)
-    check_previous(AVERAGE, previous, w)
+    check_scatter_previous(AVERAGE, previous, w)
     if dev != previous.device:
         raise ValueError(f"{AVERAGE}: previous is on {previous.device} but the updates are on {dev}")
     chosen = resolve_backend(backend, dev, AVERAGE)
-    if chosen == "reference":
-        return scatter_add_average_reference(idx_list, val_list, w, previous)
-    op = torch.ops.fedspa.scatter_add_average_triton if chosen == "triton" else torch.ops.fedspa.scatter_add_average
-    return op(idx_list, val_list, w, previous).reshape(previous.shape)
+    return SCATTER_ADD_AVERAGE.kernel(chosen)(idx_list, val_list, w, previous).reshape(previous.shape)

@@ -1,72 +1,177 @@
-"""SpMM: sparse (CSR) x dense.
+"""SpMM: sparse (CSR) x dense, its differentiable form, and the sparse linear layer built on it.
 
-    fedspa::spmm(Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? perm, Tensor dense,
-                 bool validate=True) -> Tensor
+Kernel op (reference below, C++ CPU and CUDA in csrc/*/spmm.*, Triton in triton_kernels/spmm.py):
 
-``out[r, :] = sum over k in [crow[r], crow[r+1]) of values[perm[k] if perm else k] * dense[col[k], :]``:
-out is (rows x N) with rows = len(crow) - 1, dense is (cols x N). With the CSC metadata of a SparseMatrix as
-(crow, col, perm) this is the transposed product S^T @ dense, reading the same values array. Accumulates in
-fp32 (fp64 for fp64). ``validate=False`` skips reading the index arrays (callers that validated them already).
-Kernels: the reference below (default), C++ CPU and CUDA (csrc/*/spmm.*), Triton (triton_kernels/spmm.py).
+    fedspa::spmm(Tensor values, Tensor crow_indices, Tensor col_indices, Tensor dense) -> Tensor
+
+``out[r, :] = sum over k in [crow[r], crow[r+1]) of values[k] * dense[col[k], :]``: out is (rows x N) with
+rows = len(crow) - 1, dense is (cols x N), values are in the pattern's own order. Accumulates in fp32 (fp64 for
+fp64). Only stored entries multiply: a NaN or Inf in dense row j reaches exactly the output rows with a nonzero in
+column j (as torch.sparse does; a stored zero times Inf is NaN, as IEEE says).
+
+Differentiable op (every backend):
+
+    fedspa::spmm_autograd(Tensor values, Tensor crow_indices, Tensor col_indices, Tensor t_crow_indices,
+                          Tensor t_col_indices, Tensor t_perm, Tensor dense, bool transpose, str backend) -> Tensor
+
+S @ dense (or S^T @ dense) for S given in CSR (values in CSR order) and CSC (``t_perm[j]``: the CSR index of CSC
+entry j). Gradients: d values = SDDMM at S's pattern, in CSR order (fedspa::sddmm_autograd); d dense = the product
+with the other order. So no kernel reads or writes through a permutation: the CSC values are gathered with a
+bounds-checked index_select, and no dense matrix or dense weight gradient is ever formed.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._library import LIB, define
-from ._csr import FLOAT_DTYPES, check_structure_metadata, check_structure_values, row_of_each_nonzero
+from .._backends import resolve_backend
+from .._checks import check_spmm_inputs, gather_values, row_of_each_nonzero
+from .._op import KernelOp, autograd_op
+from ..sparse_matrix import SparseMatrix
 
-SPMM = "spmm"
-_SCHEMA = "(Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? perm, Tensor dense, bool validate=True) -> Tensor"
-define(SPMM, _SCHEMA)
-define(SPMM + "_triton", _SCHEMA)
-
-
-def check_spmm_inputs(op: str, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                      perm: torch.Tensor | None, dense: torch.Tensor, validate: bool) -> None:
-    if values.dtype not in FLOAT_DTYPES or values.dim() != 1:
-        raise TypeError(f"{op}: values must be a 1-D floating tensor, got {values.dtype} of shape {tuple(values.shape)}")
-    if dense.dim() != 2:
-        raise ValueError(f"{op}: dense must be 2-D (cols x N), got shape {tuple(dense.shape)}")
-    if dense.dtype != values.dtype:
-        raise TypeError(f"{op}: dense is {dense.dtype} but values are {values.dtype}")
-    if dense.device != values.device:
-        raise ValueError(f"{op}: dense is on {dense.device} but values are on {values.device}")
-    check_structure_metadata(op, crow, col, perm, values.device)
-    if validate:
-        check_structure_values(op, crow, col, perm, dense.shape[0], values.numel())
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+_CHUNK_ELEMENTS = 1 << 22  # the reference's temporary: at most this many products at a time
 
 
 def spmm_reference(values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
-                   perm: torch.Tensor | None, dense: torch.Tensor, validate: bool = True) -> torch.Tensor:
-    """Pure-PyTorch fedspa::spmm: scatter the nonzeros into a dense matrix, then a dense matmul (the oracle)."""
-    check_spmm_inputs(SPMM, values, crow_indices, col_indices, perm, dense, validate)
-    acc = _accumulation_dtype(values.dtype)
-    rows = crow_indices.numel() - 1
-    v = values if perm is None else values[perm.long()]
-    matrix = torch.zeros(rows, dense.shape[0], dtype=acc, device=values.device)
-    matrix.index_put_((row_of_each_nonzero(crow_indices), col_indices.long()), v.to(acc), accumulate=True)
-    return (matrix @ dense.to(acc)).to(values.dtype)
+                   dense: torch.Tensor) -> torch.Tensor:
+    """Pure-PyTorch fedspa::spmm: each stored entry times its dense row, added into its output row (the oracle)."""
+    check_spmm_inputs("spmm", values, crow_indices, col_indices, dense)
+    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    rows, n = crow_indices.numel() - 1, dense.shape[1]
+    out = torch.zeros(rows, n, dtype=acc, device=values.device)
+    row = row_of_each_nonzero(crow_indices)
+    col = col_indices.long()
+    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    for start in range(0, col.numel(), step):
+        stop = start + step
+        out.index_add_(0, row[start:stop], values[start:stop].to(acc)[:, None] * dense[col[start:stop]].to(acc))
+    return out.to(values.dtype)
 
 
-def _fake(values, crow_indices, col_indices, perm, dense, validate=True):
+def _fake(values, crow_indices, col_indices, dense):
     torch._check(dense.dim() == 2, lambda: f"dense must be 2-D, got {dense.dim()}-D")
     return dense.new_empty(crow_indices.shape[0] - 1, dense.shape[1])
 
 
-def _triton(values, crow_indices, col_indices, perm, dense, validate=True):
-    from ..triton_kernels.spmm import spmm_triton
+def _flops(values_shape, *args, out_shape=None, **kwargs) -> int:
+    """2 x nnz x dense columns: one multiply-add per stored nonzero per column."""
+    return 2 * values_shape[0] * out_shape[1]
 
-    return spmm_triton(values, crow_indices, col_indices, perm, dense, validate)
+
+SPMM = KernelOp("spmm", "(Tensor values, Tensor crow_indices, Tensor col_indices, Tensor dense) -> Tensor",
+                reference=spmm_reference, fake=_fake, triton="fedspa_kernels.triton_kernels.spmm:spmm_triton",
+                flops=_flops)
 
 
-LIB.impl(SPMM, spmm_reference, "CompositeExplicitAutograd")
-for _key in ("CPU", "CUDA"):
-    LIB.impl(SPMM + "_triton", _triton, _key)
-torch.library.register_fake(f"fedspa::{SPMM}", _fake, lib=LIB)
-torch.library.register_fake(f"fedspa::{SPMM}_triton", _fake, lib=LIB)
+# ------------------------------------------------------------------------------------------------------------------
+# The differentiable op
+# ------------------------------------------------------------------------------------------------------------------
+def _spmm_autograd(values, crow_indices, col_indices, t_crow_indices, t_col_indices, t_perm, dense, transpose,
+                   backend):
+    kernel = SPMM.kernel(backend)
+    if backend not in ("cpp", "cuda"):  # native kernels transpose column-major operands themselves (in parallel)
+        dense = dense.contiguous()
+    if transpose:
+        return kernel(gather_values("spmm", values, t_perm), t_crow_indices, t_col_indices, dense)
+    return kernel(values, crow_indices, col_indices, dense)
+
+
+def _autograd_fake(values, crow_indices, col_indices, t_crow_indices, t_col_indices, t_perm, dense, transpose,
+                   backend):
+    rows = (t_crow_indices if transpose else crow_indices).shape[0] - 1
+    return dense.new_empty(rows, dense.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    values, crow, col, tcrow, tcol, tperm, dense, transpose, backend = inputs
+    ctx.transpose, ctx.backend = transpose, backend
+    ctx.save_for_backward(values if ctx.needs_input_grad[6] else None, dense if ctx.needs_input_grad[0] else None,
+                          crow, col, tcrow, tcol, tperm)
+
+
+def _backward(ctx, grad):
+    values, dense, crow, col, tcrow, tcol, tperm = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_values = grad_dense = None
+    pattern = (crow, col, tcrow, tcol, tperm)
+    if ctx.needs_input_grad[0]:  # in CSR order whichever way the product went
+        a, bt = (dense, grad) if ctx.transpose else (grad, dense)
+        grad_values = torch.ops.fedspa.sddmm_autograd(a, bt, *pattern, ctx.backend)
+    if ctx.needs_input_grad[6]:
+        grad_dense = torch.ops.fedspa.spmm_autograd(values, *pattern, grad, not ctx.transpose, ctx.backend)
+    return grad_values, None, None, None, None, None, grad_dense, None, None
+
+
+spmm_autograd = autograd_op(
+    "spmm_autograd",
+    "(Tensor values, Tensor crow_indices, Tensor col_indices, Tensor t_crow_indices, Tensor t_col_indices, "
+    "Tensor t_perm, Tensor dense, bool transpose, str backend) -> Tensor",
+    _spmm_autograd, _autograd_fake, _backward, _setup_context, flops=_flops)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------------------------
+def _check_operand(op: str, S: SparseMatrix, d: torch.Tensor, name: str) -> None:
+    if not isinstance(S, SparseMatrix):
+        raise TypeError(f"{op}: expected a SparseMatrix, got {type(S).__name__}")
+    if not isinstance(d, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(d).__name__}")
+    if d.dtype != S.dtype:
+        raise TypeError(f"{op}: {name} is {d.dtype} but the sparse values are {S.dtype}")
+    if d.device != S.device:
+        raise ValueError(f"{op}: {name} is on {d.device} but the sparse matrix is on {S.device}")
+
+
+def spmm(S: SparseMatrix, d: torch.Tensor, transpose: bool = False, backend: str | None = None) -> torch.Tensor:
+    """``S @ d`` (or ``S^T @ d`` with ``transpose=True``), differentiable w.r.t. ``S.values`` and `d`.
+
+    Args:
+        S: the sparse matrix (rows x cols).
+        d: dense (cols x N), or (rows x N) when transposed; a 1-D vector gives a 1-D result.
+        transpose: multiply by S^T, through the cached transpose metadata (no re-sort).
+        backend: None (best available), "reference", "cpp", "cuda" or "triton".
+
+    Returns:
+        (rows x N) — (cols x N) when transposed.
+    """
+    _check_operand("spmm", S, d, "d")
+    vector = d.dim() == 1
+    dense = d.unsqueeze(1) if vector else d
+    inner = S.shape[0] if transpose else S.shape[1]
+    if dense.dim() != 2 or dense.shape[0] != inner:
+        raise ValueError(f"spmm: {'S^T' if transpose else 'S'} has {inner} columns but d has shape {tuple(d.shape)}")
+    chosen = resolve_backend(backend, S.device, "spmm")
+    out = spmm_autograd(S.values, S.crow_indices, S.col_indices, S.ccol_indices, S.row_indices_t, S.perm_t, dense,
+                        bool(transpose), chosen)
+    return out.squeeze(1) if vector else out
+
+
+def sparse_linear(x: torch.Tensor, weight: SparseMatrix | torch.Tensor, bias: torch.Tensor | None = None, *,
+                  backend: str | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` for a sparse W (out_features x in_features), differentiable w.r.t. x, W's values and bias.
+
+    With a SparseMatrix no dense weight and no dense weight gradient is ever formed: the forward is
+    ``(W @ x^T)^T``, the input gradient ``W^T @ dy^T`` and the weight gradient ``sddmm(dy^T, x^T)`` at W's
+    nonzeros. A dense `weight` tensor is taken as the sparse matrix of its nonzeros (convenient, but its
+    gradient is then a dense tensor, zero off the pattern).
+
+    Args:
+        x: (..., in_features).
+        weight: SparseMatrix or dense tensor (out_features x in_features).
+        bias: (out_features,) or None.
+        backend: None (best available), "reference", "cpp", "cuda" or "triton".
+    """
+    S = weight if isinstance(weight, SparseMatrix) else SparseMatrix.from_dense(weight)
+    _check_operand("sparse_linear", S, x, "x")
+    out_features, in_features = S.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"sparse_linear: x has shape {tuple(x.shape)} but the weight has {in_features} input features")
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"sparse_linear: bias must be ({out_features},) {x.dtype} on {x.device}, got "
+                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    lead = x.shape[:-1]
+    y = spmm(S, x.reshape(-1, in_features).t(), backend=backend).t()  # the kernels work feature-major
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, out_features)

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.prune_regrow import PRUNE_REGROW, check_counts, check_inputs
+from .._checks import check_prune_regrow_counts as check_counts
+from .._checks import check_prune_regrow_inputs as check_inputs
 from ._launch import check_device
 
 _BLOCK = 1024
@@ -149,12 +150,12 @@ def _segment_exclusive_cumsum(values: torch.Tensor, first_block: torch.Tensor, b
 def prune_regrow_triton(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], scores: Sequence[torch.Tensor],
                         drop_counts: Sequence[int]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Triton fedspa::prune_regrow (same contract as the reference)."""
-    check_inputs(PRUNE_REGROW, weights, masks, scores, drop_counts)
+    check_inputs("prune_regrow", weights, masks, scores, drop_counts)
     layers = len(weights)
     if layers == 0:
         return [], [], []
     device = weights[0].device
-    check_device(PRUNE_REGROW, device)
+    check_device("prune_regrow", device)
     wide = any(t.dtype == torch.float64 for t in (*weights, *scores))
     compute = torch.float64 if wide else torch.float32
     uint, key_bits = (tl.uint64, 64) if wide else (tl.uint32, 32)
@@ -183,11 +184,13 @@ def prune_regrow_triton(weights: Sequence[torch.Tensor], masks: Sequence[torch.T
                                   first_nan, DIGIT_BITS=_DIGIT_BITS, **common)
     active_cpu, nan_cpu = active.cpu(), first_nan.cpu()  # the one synchronization: errors are raised here
     for layer, (n, k) in enumerate(zip(sizes, drop_counts)):
-        check_counts(PRUNE_REGROW, layer, k, int(active_cpu[layer]), n - int(active_cpu[layer]))
+        check_counts("prune_regrow", layer, k, int(active_cpu[layer]), n - int(active_cpu[layer]))
         if int(nan_cpu[layer, 0]) != _NONE:
-            raise ValueError(f"{PRUNE_REGROW}: layer {layer} has a NaN weight at active position {int(nan_cpu[layer, 0])}")
+            raise ValueError(f"prune_regrow: layer {layer} has a NaN weight at active position "
+                             f"{int(nan_cpu[layer, 0])}")
         if int(nan_cpu[layer, 1]) != _NONE:
-            raise ValueError(f"{PRUNE_REGROW}: layer {layer} has a NaN score at inactive position {int(nan_cpu[layer, 1])}")
+            raise ValueError(f"prune_regrow: layer {layer} has a NaN score at inactive position "
+                             f"{int(nan_cpu[layer, 1])}")
 
     need = counts_k.to(device)[:, None].repeat(1, 2)  # (layers, 2): keys still to take
     prefix = torch.zeros(layers, 2, dtype=torch.int64, device=device)  # threshold bits found so far

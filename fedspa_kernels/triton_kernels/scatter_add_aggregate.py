@@ -14,14 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.scatter_add_aggregate import (
-    AGGREGATE,
-    AVERAGE,
-    check_inputs,
-    check_previous,
-    check_weight_values,
-    raise_first_invalid,
-)
+from .._checks import check_scatter_inputs as check_inputs
+from .._checks import check_scatter_previous as check_previous
+from .._checks import check_scatter_weights as check_weight_values
+from .._checks import raise_first_invalid
+
+AGGREGATE = "scatter_add_aggregate"
+AVERAGE = "scatter_add_average"
 from ._launch import check_device
 
 _NONE = 2**63 - 1  # "no offending position" in the first-bad table

@@ -1,8 +1,8 @@
-"""Triton kernel of fedspa::sddmm_triton: out[perm(k)] = dot(a[r_k, :], bt[c_k, :]) at a CSR pattern.
+"""Triton kernel of fedspa::sddmm_triton: out[k] = dot(a[r_k, :], bt[c_k, :]) at a CSR pattern.
 
 One program per row: its nonzeros are taken BLOCK_NZ at a time; for each K block, the row's slice of a and the
-gathered (BLOCK_NZ x BLOCK_K) slices of bt are multiplied and reduced (exact fp32, no TF32).
-Reference: fedspa_kernels/ops/sddmm.py.
+gathered (BLOCK_NZ x BLOCK_K) slices of bt are multiplied and reduced (exact fp32, no TF32). The launcher checks
+the pattern (fedspa_kernels._checks) before the kernel reads through it. Reference: fedspa_kernels/ops/sddmm.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.sddmm import SDDMM, check_sddmm_inputs
+from .._checks import check_sddmm_inputs
 from ._launch import accumulator, check_device
 
 _BLOCK_NZ = 32
@@ -19,8 +19,8 @@ _BLOCK_K = 64
 
 
 @triton.jit
-def _sddmm_kernel(a_ptr, bt_ptr, crow_ptr, col_ptr, perm_ptr, out_ptr, k_dim,
-                  HAS_PERM: tl.constexpr, ACC: tl.constexpr, BLOCK_NZ: tl.constexpr, BLOCK_K: tl.constexpr):
+def _sddmm_kernel(a_ptr, bt_ptr, crow_ptr, col_ptr, out_ptr, k_dim,
+                  ACC: tl.constexpr, BLOCK_NZ: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     start = tl.load(crow_ptr + row)
     end = tl.load(crow_ptr + row + 1)
@@ -36,25 +36,20 @@ def _sddmm_kernel(a_ptr, bt_ptr, crow_ptr, col_ptr, perm_ptr, out_ptr, k_dim,
             b_tile = tl.load(bt_ptr + cols[:, None] * k_dim + offs_j[None, :],
                              mask=k_live[:, None] & j_live[None, :], other=0.0).to(ACC)
             acc += tl.sum(a_slice[None, :] * b_tile, axis=1)
-        if HAS_PERM:
-            where = tl.load(perm_ptr + ks, mask=k_live, other=0).to(tl.int64)
-        else:
-            where = ks
-        tl.store(out_ptr + where, acc.to(out_ptr.dtype.element_ty), mask=k_live)
+        tl.store(out_ptr + ks, acc.to(out_ptr.dtype.element_ty), mask=k_live)
 
 
-def sddmm_triton(a: torch.Tensor, bt: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
-                 perm: torch.Tensor | None, validate: bool = True) -> torch.Tensor:
+def sddmm_triton(a: torch.Tensor, bt: torch.Tensor, crow_indices: torch.Tensor,
+                 col_indices: torch.Tensor) -> torch.Tensor:
     """Triton fedspa::sddmm (same contract as the reference)."""
-    check_sddmm_inputs(SDDMM, a, bt, crow_indices, col_indices, perm, validate)
-    check_device(SDDMM, a.device)
+    check_sddmm_inputs("sddmm", a, bt, crow_indices, col_indices)
+    check_device("sddmm", a.device)
     out = torch.empty(col_indices.numel(), dtype=a.dtype, device=a.device)
     rows = a.shape[0]
     if rows == 0 or out.numel() == 0:
         return out
-    _sddmm_kernel[(rows,)](a.contiguous(), bt.contiguous(), crow_indices.contiguous(), col_indices.contiguous(),
-                           perm.contiguous() if perm is not None else col_indices, out, a.shape[1],
-                           HAS_PERM=perm is not None, ACC=accumulator(a.dtype), BLOCK_NZ=_BLOCK_NZ, BLOCK_K=_BLOCK_K)
+    _sddmm_kernel[(rows,)](a.contiguous(), bt.contiguous(), crow_indices.contiguous(), col_indices.contiguous(), out,
+                           a.shape[1], ACC=accumulator(a.dtype), BLOCK_NZ=_BLOCK_NZ, BLOCK_K=_BLOCK_K)
     return out
 
 
@@ -62,10 +57,7 @@ def compile_specs() -> list[tuple]:
     """Every (kernel, signature, constexprs) the launcher uses, for compile_check."""
     specs = []
     for dtype, acc in (("*fp16", tl.float32), ("*bf16", tl.float32), ("*fp32", tl.float32), ("*fp64", tl.float64)):
-        signature = {"a_ptr": dtype, "bt_ptr": dtype, "crow_ptr": "*i64", "col_ptr": "*i32", "perm_ptr": "*i32",
-                     "out_ptr": dtype, "k_dim": "i64", "HAS_PERM": "constexpr", "ACC": "constexpr",
-                     "BLOCK_NZ": "constexpr", "BLOCK_K": "constexpr"}
-        for has_perm in (False, True):
-            specs.append((_sddmm_kernel, signature,
-                          {"HAS_PERM": has_perm, "ACC": acc, "BLOCK_NZ": _BLOCK_NZ, "BLOCK_K": _BLOCK_K}))
+        signature = {"a_ptr": dtype, "bt_ptr": dtype, "crow_ptr": "*i64", "col_ptr": "*i32", "out_ptr": dtype,
+                     "k_dim": "i64", "ACC": "constexpr", "BLOCK_NZ": "constexpr", "BLOCK_K": "constexpr"}
+        specs.append((_sddmm_kernel, signature, {"ACC": acc, "BLOCK_NZ": _BLOCK_NZ, "BLOCK_K": _BLOCK_K}))
     return specs

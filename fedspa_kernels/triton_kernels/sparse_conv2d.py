@@ -1,4 +1,4 @@
-"""Triton kernels of the direct sparse convolution (fedspa::spconv2d*_triton); activations (C, H, W, N).
+"""Triton kernels of the direct sparse convolution (fedspa::sparse_conv2d*_triton); activations (C, H, W, N).
 
 - forward: one program per (output channel, output position, BLOCK_N batch elements); the channel's nonzeros
   are decoded BLOCK_NZ at a time into (c, ky, kx) taps and their input batch vectors gathered as a
@@ -8,7 +8,8 @@
 - weight gradient: one program per nonzero; the products of grad_out and input batch vectors are summed over
   the positions where the tap lands inside the input, BLOCK_P positions x BLOCK_N batch elements at a time.
 
-Accumulates in fp32 (fp64 for fp64); exact products, no TF32. Reference: fedspa_kernels/ops/sparse_conv2d.py.
+Accumulates in fp32 (fp64 for fp64); exact products, no TF32. The launchers check the pattern (fedspa_kernels._checks)
+before any kernel reads through it. Reference: fedspa_kernels/ops/sparse_conv2d.py.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._csr import row_of_each_nonzero
-from ..ops.sparse_conv2d import (check_forward_inputs, check_input_grad_inputs, check_weight_grad_inputs,
-                                 output_hw)
+from .._checks import (check_conv_forward_inputs, check_conv_input_grad_inputs, check_conv_weight_grad_inputs,
+                       output_hw, row_of_each_nonzero)
 from ._launch import accumulator, check_device
 
 _BLOCK_NZ = 32
@@ -28,9 +28,9 @@ _BLOCK_P = 32
 
 
 @triton.jit
-def _forward_kernel(values_ptr, crow_ptr, col_ptr, perm_ptr, in_ptr, out_ptr,
+def _forward_kernel(values_ptr, crow_ptr, col_ptr, in_ptr, out_ptr,
                     H, W, N, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
-                    HAS_PERM: tl.constexpr, ACC: tl.constexpr, BLOCK_NZ: tl.constexpr, BLOCK_N: tl.constexpr):
+                    ACC: tl.constexpr, BLOCK_NZ: tl.constexpr, BLOCK_N: tl.constexpr):
     o = tl.program_id(0).to(tl.int64)
     pos = tl.program_id(1).to(tl.int64)
     offs_n = tl.program_id(2).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -49,11 +49,7 @@ def _forward_kernel(values_ptr, crow_ptr, col_ptr, perm_ptr, in_ptr, out_ptr,
         iy = y0 + (r // KW) * DH
         ix = x0 + (r % KW) * DW
         inside = k_live & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-        if HAS_PERM:
-            which = tl.load(perm_ptr + ks, mask=k_live, other=0).to(tl.int64)
-        else:
-            which = ks
-        v = tl.load(values_ptr + which, mask=inside, other=0.0).to(ACC)
+        v = tl.load(values_ptr + ks, mask=inside, other=0.0).to(ACC)
         rows = ((c * H + iy) * W + ix) * N
         tile = tl.load(in_ptr + rows[:, None] + offs_n[None, :], mask=inside[:, None] & n_live[None, :],
                        other=0.0).to(ACC)
@@ -62,9 +58,9 @@ def _forward_kernel(values_ptr, crow_ptr, col_ptr, perm_ptr, in_ptr, out_ptr,
 
 
 @triton.jit
-def _input_grad_kernel(values_ptr, tcrow_ptr, tcol_ptr, tperm_ptr, gout_ptr, gin_ptr,
+def _input_grad_kernel(values_ptr, tcrow_ptr, tcol_ptr, gout_ptr, gin_ptr,
                        H, W, N, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
-                       HAS_PERM: tl.constexpr, ACC: tl.constexpr, BLOCK_NZ: tl.constexpr, BLOCK_N: tl.constexpr):
+                       ACC: tl.constexpr, BLOCK_NZ: tl.constexpr, BLOCK_N: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)
     pos = tl.program_id(1).to(tl.int64)
     offs_n = tl.program_id(2).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -87,11 +83,7 @@ def _input_grad_kernel(values_ptr, tcrow_ptr, tcol_ptr, tperm_ptr, gout_ptr, gin
                 ts = t0 + tl.arange(0, BLOCK_NZ)
                 t_live = ts < end
                 o = tl.load(tcol_ptr + ts, mask=t_live, other=0).to(tl.int64)
-                if HAS_PERM:
-                    which = tl.load(tperm_ptr + ts, mask=t_live, other=0).to(tl.int64)
-                else:
-                    which = ts
-                v = tl.load(values_ptr + which, mask=t_live, other=0.0).to(ACC)
+                v = tl.load(values_ptr + ts, mask=t_live, other=0.0).to(ACC)
                 rows = ((o * OH + oy) * OW + ox) * N
                 tile = tl.load(gout_ptr + rows[:, None] + offs_n[None, :], mask=t_live[:, None] & n_live[None, :],
                                other=0.0).to(ACC)
@@ -100,9 +92,9 @@ def _input_grad_kernel(values_ptr, tcrow_ptr, tcol_ptr, tperm_ptr, gout_ptr, gin
 
 
 @triton.jit
-def _weight_grad_kernel(gout_ptr, in_ptr, row_ptr, col_ptr, perm_ptr, out_ptr,
+def _weight_grad_kernel(gout_ptr, in_ptr, row_ptr, col_ptr, out_ptr,
                         H, W, N, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
-                        HAS_PERM: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)
     o = tl.load(row_ptr + k)
     j = tl.load(col_ptr + k).to(tl.int64)
@@ -125,11 +117,7 @@ def _weight_grad_kernel(gout_ptr, in_ptr, row_ptr, col_ptr, perm_ptr, out_ptr,
             b = tl.load(in_ptr + i_rows[:, None] + offs_n[None, :], mask=live, other=0.0).to(ACC)
             acc += a * b
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
-    if HAS_PERM:
-        where = tl.load(perm_ptr + k).to(tl.int64)
-    else:
-        where = k
-    tl.store(out_ptr + where, total.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + k, total.to(out_ptr.dtype.element_ty))
 
 
 def _geometry_args(h, w, n, oh, ow, kernel_size, stride, padding, dilation):
@@ -137,12 +125,11 @@ def _geometry_args(h, w, n, oh, ow, kernel_size, stride, padding, dilation):
             dilation[0], dilation[1])
 
 
-def spconv2d_triton(values, crow_indices, col_indices, perm, input_t, kernel_size, stride, padding, dilation,
-                    validate=True):
-    """Triton fedspa::spconv2d (same contract as the reference)."""
-    out_h, out_w = check_forward_inputs("spconv2d", values, crow_indices, col_indices, perm, input_t, kernel_size,
-                                        stride, padding, dilation, validate)
-    check_device("spconv2d", values.device)
+def sparse_conv2d_triton(values, crow_indices, col_indices, input_t, kernel_size, stride, padding, dilation):
+    """Triton fedspa::sparse_conv2d (same contract as the reference)."""
+    out_h, out_w = check_conv_forward_inputs("sparse_conv2d", values, crow_indices, col_indices, input_t,
+                                             kernel_size, stride, padding, dilation)
+    check_device("sparse_conv2d", values.device)
     channels, height, width, batch = input_t.shape
     out_channels = crow_indices.numel() - 1
     out = torch.empty((out_channels, out_h, out_w, batch), dtype=input_t.dtype, device=input_t.device)
@@ -150,41 +137,38 @@ def spconv2d_triton(values, crow_indices, col_indices, perm, input_t, kernel_siz
         return out
     grid = (out_channels, out_h * out_w, triton.cdiv(batch, _BLOCK_N))
     _forward_kernel[grid](values.contiguous(), crow_indices.contiguous(), col_indices.contiguous(),
-                          perm.contiguous() if perm is not None else col_indices, input_t.contiguous(), out,
+                          input_t.contiguous(), out,
                           *_geometry_args(height, width, batch, out_h, out_w, kernel_size, stride, padding, dilation),
-                          HAS_PERM=perm is not None, ACC=accumulator(values.dtype), BLOCK_NZ=_BLOCK_NZ,
-                          BLOCK_N=_BLOCK_N)
+                          ACC=accumulator(values.dtype), BLOCK_NZ=_BLOCK_NZ, BLOCK_N=_BLOCK_N)
     return out
 
 
-def spconv2d_input_grad_triton(values, t_crow_indices, t_col_indices, t_perm, grad_out_t, input_hw, kernel_size,
-                               stride, padding, dilation, validate=True):
-    """Triton fedspa::spconv2d_input_grad (same contract as the reference)."""
-    channels = check_input_grad_inputs("spconv2d_input_grad", values, t_crow_indices, t_col_indices, t_perm,
-                                       grad_out_t, input_hw, kernel_size, stride, padding, dilation, validate)
-    check_device("spconv2d_input_grad", values.device)
+def sparse_conv2d_input_grad_triton(values_t, t_crow_indices, t_col_indices, grad_out_t, input_hw, kernel_size,
+                                    stride, padding, dilation):
+    """Triton fedspa::sparse_conv2d_input_grad (same contract as the reference)."""
+    channels = check_conv_input_grad_inputs("sparse_conv2d_input_grad", values_t, t_crow_indices, t_col_indices,
+                                            grad_out_t, input_hw, kernel_size, stride, padding, dilation)
+    check_device("sparse_conv2d_input_grad", values_t.device)
     _, out_h, out_w, batch = grad_out_t.shape
     height, width = input_hw
     grad_input = torch.empty((channels, height, width, batch), dtype=grad_out_t.dtype, device=grad_out_t.device)
     if grad_input.numel() == 0:
         return grad_input
     grid = (channels, height * width, triton.cdiv(batch, _BLOCK_N))
-    _input_grad_kernel[grid](values.contiguous(), t_crow_indices.contiguous(), t_col_indices.contiguous(),
-                             t_perm.contiguous() if t_perm is not None else t_col_indices, grad_out_t.contiguous(),
-                             grad_input,
+    _input_grad_kernel[grid](values_t.contiguous(), t_crow_indices.contiguous(), t_col_indices.contiguous(),
+                             grad_out_t.contiguous(), grad_input,
                              *_geometry_args(height, width, batch, out_h, out_w, kernel_size, stride, padding,
                                              dilation),
-                             HAS_PERM=t_perm is not None, ACC=accumulator(values.dtype), BLOCK_NZ=_BLOCK_NZ,
-                             BLOCK_N=_BLOCK_N)
+                             ACC=accumulator(values_t.dtype), BLOCK_NZ=_BLOCK_NZ, BLOCK_N=_BLOCK_N)
     return grad_input
 
 
-def spconv2d_weight_grad_triton(grad_out_t, input_t, crow_indices, col_indices, perm, kernel_size, stride, padding,
-                                dilation, validate=True):
-    """Triton fedspa::spconv2d_weight_grad (same contract as the reference)."""
-    check_weight_grad_inputs("spconv2d_weight_grad", grad_out_t, input_t, crow_indices, col_indices, perm,
-                             kernel_size, stride, padding, dilation, validate)
-    check_device("spconv2d_weight_grad", input_t.device)
+def sparse_conv2d_weight_grad_triton(grad_out_t, input_t, crow_indices, col_indices, kernel_size, stride, padding,
+                                     dilation):
+    """Triton fedspa::sparse_conv2d_weight_grad (same contract as the reference)."""
+    check_conv_weight_grad_inputs("sparse_conv2d_weight_grad", grad_out_t, input_t, crow_indices, col_indices,
+                                  kernel_size, stride, padding, dilation)
+    check_device("sparse_conv2d_weight_grad", input_t.device)
     _, height, width, batch = input_t.shape
     out_h, out_w = output_hw((height, width), kernel_size, stride, padding, dilation)
     out = torch.empty(col_indices.numel(), dtype=input_t.dtype, device=input_t.device)
@@ -194,31 +178,28 @@ def spconv2d_weight_grad_triton(grad_out_t, input_t, crow_indices, col_indices, 
         return out.zero_()
     rows = row_of_each_nonzero(crow_indices)
     _weight_grad_kernel[(out.numel(),)](grad_out_t.contiguous(), input_t.contiguous(), rows,
-                                        col_indices.contiguous(),
-                                        perm.contiguous() if perm is not None else col_indices, out,
+                                        col_indices.contiguous(), out,
                                         *_geometry_args(height, width, batch, out_h, out_w, kernel_size, stride,
                                                         padding, dilation),
-                                        HAS_PERM=perm is not None, ACC=accumulator(input_t.dtype), BLOCK_P=_BLOCK_P,
-                                        BLOCK_N=_BLOCK_N)
+                                        ACC=accumulator(input_t.dtype), BLOCK_P=_BLOCK_P, BLOCK_N=_BLOCK_N)
     return out
 
 
 def compile_specs() -> list[tuple]:
     """Every (kernel, signature, constexprs) the launchers use, for compile_check."""
     geometry = {name: "i64" for name in ("H", "W", "N", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW")}
-    flags = {"HAS_PERM": "constexpr", "ACC": "constexpr"}
+    flags = {"ACC": "constexpr"}
     specs = []
     for dtype, acc in (("*fp16", tl.float32), ("*bf16", tl.float32), ("*fp32", tl.float32), ("*fp64", tl.float64)):
-        forward = {"values_ptr": dtype, "crow_ptr": "*i64", "col_ptr": "*i32", "perm_ptr": "*i32", "in_ptr": dtype,
+        forward = {"values_ptr": dtype, "crow_ptr": "*i64", "col_ptr": "*i32", "in_ptr": dtype,
                    "out_ptr": dtype, **geometry, **flags, "BLOCK_NZ": "constexpr", "BLOCK_N": "constexpr"}
-        input_grad = {"values_ptr": dtype, "tcrow_ptr": "*i64", "tcol_ptr": "*i32", "tperm_ptr": "*i32",
+        input_grad = {"values_ptr": dtype, "tcrow_ptr": "*i64", "tcol_ptr": "*i32",
                       "gout_ptr": dtype, "gin_ptr": dtype, **geometry, **flags, "BLOCK_NZ": "constexpr",
                       "BLOCK_N": "constexpr"}
-        weight_grad = {"gout_ptr": dtype, "in_ptr": dtype, "row_ptr": "*i64", "col_ptr": "*i32", "perm_ptr": "*i32",
+        weight_grad = {"gout_ptr": dtype, "in_ptr": dtype, "row_ptr": "*i64", "col_ptr": "*i32",
                        "out_ptr": dtype, **geometry, **flags, "BLOCK_P": "constexpr", "BLOCK_N": "constexpr"}
-        for has_perm in (False, True):
-            common = {"HAS_PERM": has_perm, "ACC": acc, "BLOCK_N": _BLOCK_N}
-            specs.append((_forward_kernel, forward, {**common, "BLOCK_NZ": _BLOCK_NZ}))
-            specs.append((_input_grad_kernel, input_grad, {**common, "BLOCK_NZ": _BLOCK_NZ}))
-            specs.append((_weight_grad_kernel, weight_grad, {**common, "BLOCK_P": _BLOCK_P}))
+        common = {"ACC": acc, "BLOCK_N": _BLOCK_N}
+        specs.append((_forward_kernel, forward, {**common, "BLOCK_NZ": _BLOCK_NZ}))
+        specs.append((_input_grad_kernel, input_grad, {**common, "BLOCK_NZ": _BLOCK_NZ}))
+        specs.append((_weight_grad_kernel, weight_grad, {**common, "BLOCK_P": _BLOCK_P}))
     return specs

@@ -2,7 +2,8 @@
 
 One program per (row, BLOCK_N output columns): the row's nonzeros are taken BLOCK_NZ at a time, their dense
 rows gathered as a (BLOCK_NZ x BLOCK_N) tile and reduced against the values (elementwise products and a sum:
-exact fp32, no TF32). Reference: fedspa_kernels/ops/spmm.py.
+exact fp32, no TF32). The launcher checks the pattern (fedspa_kernels._checks) before the kernel reads through it.
+Reference: fedspa_kernels/ops/spmm.py.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.spmm import SPMM, check_spmm_inputs
+from .._checks import check_spmm_inputs
 from ._launch import accumulator, check_device
 
 _BLOCK_NZ = 32
@@ -19,8 +20,8 @@ _BLOCK_N = 64
 
 
 @triton.jit
-def _spmm_kernel(values_ptr, crow_ptr, col_ptr, perm_ptr, dense_ptr, out_ptr, n,
-                 HAS_PERM: tl.constexpr, ACC: tl.constexpr, BLOCK_NZ: tl.constexpr, BLOCK_N: tl.constexpr):
+def _spmm_kernel(values_ptr, crow_ptr, col_ptr, dense_ptr, out_ptr, n,
+                 ACC: tl.constexpr, BLOCK_NZ: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_live = offs_n < n
@@ -31,11 +32,7 @@ def _spmm_kernel(values_ptr, crow_ptr, col_ptr, perm_ptr, dense_ptr, out_ptr, n,
         ks = k0 + tl.arange(0, BLOCK_NZ)
         k_live = ks < end
         cols = tl.load(col_ptr + ks, mask=k_live, other=0).to(tl.int64)
-        if HAS_PERM:
-            which = tl.load(perm_ptr + ks, mask=k_live, other=0).to(tl.int64)
-        else:
-            which = ks
-        v = tl.load(values_ptr + which, mask=k_live, other=0.0).to(ACC)
+        v = tl.load(values_ptr + ks, mask=k_live, other=0.0).to(ACC)
         tile = tl.load(dense_ptr + cols[:, None] * n + offs_n[None, :], mask=k_live[:, None] & n_live[None, :],
                        other=0.0).to(ACC)
         acc += tl.sum(v[:, None] * tile, axis=0)
@@ -43,19 +40,18 @@ def _spmm_kernel(values_ptr, crow_ptr, col_ptr, perm_ptr, dense_ptr, out_ptr, n,
 
 
 def spmm_triton(values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
-                perm: torch.Tensor | None, dense: torch.Tensor, validate: bool = True) -> torch.Tensor:
+                dense: torch.Tensor) -> torch.Tensor:
     """Triton fedspa::spmm (same contract as the reference)."""
-    check_spmm_inputs(SPMM, values, crow_indices, col_indices, perm, dense, validate)
-    check_device(SPMM, values.device)
+    check_spmm_inputs("spmm", values, crow_indices, col_indices, dense)
+    check_device("spmm", values.device)
     rows = crow_indices.numel() - 1
     n = dense.shape[1]
     out = torch.empty((rows, n), dtype=dense.dtype, device=dense.device)
     if rows == 0 or n == 0:
         return out
     grid = (rows, triton.cdiv(n, _BLOCK_N))
-    _spmm_kernel[grid](values.contiguous(), crow_indices.contiguous(), col_indices.contiguous(),
-                       perm.contiguous() if perm is not None else col_indices, dense.contiguous(), out, n,
-                       HAS_PERM=perm is not None, ACC=accumulator(values.dtype), BLOCK_NZ=_BLOCK_NZ, BLOCK_N=_BLOCK_N)
+    _spmm_kernel[grid](values.contiguous(), crow_indices.contiguous(), col_indices.contiguous(), dense.contiguous(),
+                       out, n, ACC=accumulator(values.dtype), BLOCK_NZ=_BLOCK_NZ, BLOCK_N=_BLOCK_N)
     return out
 
 
@@ -63,10 +59,8 @@ def compile_specs() -> list[tuple]:
     """Every (kernel, signature, constexprs) the launcher uses, for compile_check."""
     specs = []
     for dtype, acc in (("*fp16", tl.float32), ("*bf16", tl.float32), ("*fp32", tl.float32), ("*fp64", tl.float64)):
-        signature = {"values_ptr": dtype, "crow_ptr": "*i64", "col_ptr": "*i32", "perm_ptr": "*i32",
-                     "dense_ptr": dtype, "out_ptr": dtype, "n": "i64", "HAS_PERM": "constexpr", "ACC": "constexpr",
-                     "BLOCK_NZ": "constexpr", "BLOCK_N": "constexpr"}
-        for has_perm in (False, True):
-            specs.append((_spmm_kernel, signature,
-                          {"HAS_PERM": has_perm, "ACC": acc, "BLOCK_NZ": _BLOCK_NZ, "BLOCK_N": _BLOCK_N}))
+        signature = {"values_ptr": dtype, "crow_ptr": "*i64", "col_ptr": "*i32", "dense_ptr": dtype,
+                     "out_ptr": dtype, "n": "i64", "ACC": "constexpr", "BLOCK_NZ": "constexpr",
+                     "BLOCK_N": "constexpr"}
+        specs.append((_spmm_kernel, signature, {"ACC": acc, "BLOCK_NZ": _BLOCK_NZ, "BLOCK_N": _BLOCK_N}))
     return specs

@@ -150,6 +150,13 @@ def test_bad_input(backend, device):
         fk.prune_regrow([w.long()], [m], [s], [1], backend=backend)
     with pytest.raises(ValueError, match="one of each per layer"):
         fk.prune_regrow([w], [m], [s], [1, 2], backend=backend)
+    with pytest.raises(ValueError, match="layer 0 drop count 1099511627776 exceeds its 6 positions"):
+        fk.prune_regrow([w], [m], [s], [2**40], backend=backend)  # refused before anything is allocated
+    with pytest.raises(TypeError, match="layer 0 drop count must be an integer, got 2.7"):
+        fk.prune_regrow([w], [m], [s], [2.7], backend=backend)  # never truncated to 2
+    with pytest.raises(TypeError, match="layer 0 drop count must be an integer, got True"):
+        fk.prune_regrow([w], [m], [s], [True], backend=backend)
+    assert fk.prune_regrow([w], [m], [s], [2.0], backend=backend)[0].sum() == 3  # an integral float is fine
     nan_w = w.clone()
     nan_w[5] = float("nan")
     with pytest.raises(ValueError, match="layer 0 has a NaN weight at active position 5"):
@@ -178,6 +185,16 @@ def test_opcheck(backend, device):
     op = torch.ops.fedspa.prune_regrow_triton if backend == "triton" else torch.ops.fedspa.prune_regrow
     weights, masks, scores = _model([(10,), (4, 6)], 0.5, device=device)
     torch.library.opcheck(op, (weights, masks, scores, _counts(masks, 0.3)))
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_the_raw_op_bounds_the_counts_before_allocating(backend, device):
+    if backend == "reference":
+        pytest.skip("the reference is the op's default kernel, checked through the native ones")
+    op = torch.ops.fedspa.prune_regrow_triton if backend == "triton" else torch.ops.fedspa.prune_regrow
+    w = torch.randn(8, device=device)
+    with pytest.raises(ValueError, match="layer 0 drop count 1099511627776 exceeds its 8 positions"):
+        op([w], [w > 0], [w], [2**40])
 
 
 def test_drop_counts_as_tensor_and_plain_masks():

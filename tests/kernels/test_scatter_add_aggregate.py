@@ -386,3 +386,15 @@ def test_fake_kernels_give_output_metadata():
         out = torch.ops.fedspa.scatter_add_average(idx, val, torch.empty(1, dtype=torch.float64),
                                                    torch.empty(3, 4, dtype=torch.float16))
         assert out.shape == (3, 4) and out.dtype == torch.float16
+
+
+def test_the_reference_accepts_int32_indices_for_n_beyond_int32():
+    """An int32 index can never reach n >= 2^31: only negative ones are out of range (was: every index refused)."""
+    idx = torch.tensor([0, 5, 2**31 - 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="client 0 has index -1 at position 1, outside"):
+        fk.scatter_add_aggregate_reference([torch.tensor([0, -1], dtype=torch.int32)], [torch.ones(2)],
+                                           torch.ones(1), 2**31 + 10)
+    from fedspa_kernels._checks import out_of_range
+
+    assert not out_of_range(idx, 2**31 + 10).any()
+    assert out_of_range(idx, 6).tolist() == [False, False, True]

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 import fedspa_kernels as fk
 from tests.helpers import backend_device_params, poison_allocator
 
-PARAMS = backend_device_params("spconv2d")
+PARAMS = backend_device_params("sparse_conv2d")
+OPS = {"forward": fk.ops.sparse_conv2d.SPARSE_CONV2D, "input_grad": fk.ops.sparse_conv2d.SPARSE_CONV2D_INPUT_GRAD,
+       "weight_grad": fk.ops.sparse_conv2d.SPARSE_CONV2D_WEIGHT_GRAD}
 
 # (in_channels, out_channels, (H, W), kernel, stride, padding, dilation)
 GEOMETRIES = [
@@ -75,32 +77,47 @@ def test_forward_and_gradients_match_dense_conv(backend, device, geometry, densi
 
 
 @pytest.mark.parametrize("backend,device", PARAMS)
-def test_kernel_ops_direct_and_with_perm(backend, device):
-    """The raw kernel ops (feature-major layout, values in a permuted order) against their references."""
+def test_kernel_ops_direct(backend, device):
+    """The raw kernel ops (feature-major layout; the input gradient on the transposed order) against their
+    references."""
     kernel, stride, padding, dilation = [3, 3], [2, 1], [1, 1], [1, 2]
     S = _sparse_weight(6, 3, kernel, 0.4, torch.float32, device)
     x_t = torch.randn(3, 9, 10, 4, device=device)
-    g = torch.Generator().manual_seed(3)
-    perm = torch.randperm(S.nnz, generator=g).to(device=device, dtype=torch.int32)
-    values = torch.randn(S.nnz, device=device)  # values stored in perm order: row order i reads values[perm[i]]
+    values = torch.randn(S.nnz, device=device)
     geometry = (kernel, stride, padding, dilation)
-    ref = fk.ops.sparse_conv2d.kernel("reference", "spconv2d")(values, S.crow_indices, S.col_indices, perm, x_t,
-                                                                *geometry, True)
-    got = fk.ops.sparse_conv2d.kernel(backend, "spconv2d")(values, S.crow_indices, S.col_indices, perm, x_t,
-                                                            *geometry, True)
+    forward, input_grad, weight_grad = OPS["forward"], OPS["input_grad"], OPS["weight_grad"]
+    ref = forward.kernel("reference")(values, S.crow_indices, S.col_indices, x_t, *geometry)
+    got = forward.kernel(backend)(values, S.crow_indices, S.col_indices, x_t, *geometry)
     _close(got, ref, 2e-5)
     grad_out_t = torch.randn_like(ref)
-    ref_w = fk.ops.sparse_conv2d.kernel("reference", "spconv2d_weight_grad")(grad_out_t, x_t, S.crow_indices,
-                                                                             S.col_indices, perm, *geometry, True)
-    got_w = fk.ops.sparse_conv2d.kernel(backend, "spconv2d_weight_grad")(grad_out_t, x_t, S.crow_indices,
-                                                                         S.col_indices, perm, *geometry, True)
+    ref_w = weight_grad.kernel("reference")(grad_out_t, x_t, S.crow_indices, S.col_indices, *geometry)
+    got_w = weight_grad.kernel(backend)(grad_out_t, x_t, S.crow_indices, S.col_indices, *geometry)
     _close(got_w, ref_w, 2e-5)
-    vals = S.values
-    ref_i = fk.ops.sparse_conv2d.kernel("reference", "spconv2d_input_grad")(
-        vals, S.ccol_indices, S.row_indices_t, S.perm_t, grad_out_t, [9, 10], *geometry, True)
-    got_i = fk.ops.sparse_conv2d.kernel(backend, "spconv2d_input_grad")(
-        vals, S.ccol_indices, S.row_indices_t, S.perm_t, grad_out_t, [9, 10], *geometry, True)
+    values_t = values[S.perm_t]
+    ref_i = input_grad.kernel("reference")(values_t, S.ccol_indices, S.row_indices_t, grad_out_t, [9, 10], *geometry)
+    got_i = input_grad.kernel(backend)(values_t, S.ccol_indices, S.row_indices_t, grad_out_t, [9, 10], *geometry)
     _close(got_i, ref_i, 2e-5)
+
+
+def test_the_references_equal_torchs_dense_convolution():
+    """The sparse-semantics references are the dense convolution and its gradients where everything is finite."""
+    kernel, stride, padding, dilation = [3, 2], [2, 1], [2, 1], [1, 2]
+    S = _sparse_weight(5, 3, kernel, 0.4, torch.float64, "cpu")
+    x = torch.randn(4, 3, 11, 9, dtype=torch.float64, requires_grad=True)
+    w = S.to_dense().view(5, 3, *kernel).requires_grad_()
+    out = F.conv2d(x, w, None, stride, padding, dilation)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    geometry = (kernel, stride, padding, dilation)
+    x_t, g_t = x.detach().permute(1, 2, 3, 0), grad_out.permute(1, 2, 3, 0)
+    got = fk.ops.sparse_conv2d.sparse_conv2d_reference(S.values, S.crow_indices, S.col_indices, x_t, *geometry)
+    torch.testing.assert_close(got, out.detach().permute(1, 2, 3, 0))
+    got_w = fk.ops.sparse_conv2d.sparse_conv2d_weight_grad_reference(g_t, x_t, S.crow_indices, S.col_indices,
+                                                                      *geometry)
+    torch.testing.assert_close(got_w, w.grad.reshape(5, -1)[S.mask()])
+    got_i = fk.ops.sparse_conv2d.sparse_conv2d_input_grad_reference(S.values[S.perm_t], S.ccol_indices,
+                                                                     S.row_indices_t, g_t, [11, 9], *geometry)
+    torch.testing.assert_close(got_i, x.grad.permute(1, 2, 3, 0))
 
 
 @pytest.mark.parametrize("backend,device", PARAMS)
@@ -151,18 +168,17 @@ def test_opcheck(backend, device):
     geometry = ([3, 3], [1, 1], [1, 1], [1, 1])
     if backend != "reference":
         suffix = "_triton" if backend == "triton" else ""
-        torch.library.opcheck(getattr(torch.ops.fedspa, "spconv2d" + suffix),
-                              (S.values, S.crow_indices, S.col_indices, None, x_t, *geometry, True))
+        torch.library.opcheck(getattr(torch.ops.fedspa, "sparse_conv2d" + suffix),
+                              (S.values, S.crow_indices, S.col_indices, x_t, *geometry))
         grad_out_t = torch.randn(4, 6, 5, 3, device=device)
-        torch.library.opcheck(getattr(torch.ops.fedspa, "spconv2d_input_grad" + suffix),
-                              (S.values, S.ccol_indices, S.row_indices_t, S.perm_t, grad_out_t, [6, 5], *geometry,
-                               True))
-        torch.library.opcheck(getattr(torch.ops.fedspa, "spconv2d_weight_grad" + suffix),
-                              (grad_out_t, x_t, S.crow_indices, S.col_indices, None, *geometry, True))
+        torch.library.opcheck(getattr(torch.ops.fedspa, "sparse_conv2d_input_grad" + suffix),
+                              (S.values[S.perm_t], S.ccol_indices, S.row_indices_t, grad_out_t, [6, 5], *geometry))
+        torch.library.opcheck(getattr(torch.ops.fedspa, "sparse_conv2d_weight_grad" + suffix),
+                              (grad_out_t, x_t, S.crow_indices, S.col_indices, *geometry))
     values = S.values.detach().clone().requires_grad_()
-    torch.library.opcheck(torch.ops.fedspa.sparse_conv2d,
-                          (values, S.crow_indices, S.col_indices, None, S.ccol_indices, S.row_indices_t, S.perm_t,
-                           x_t.requires_grad_(), *geometry, backend, True))
+    torch.library.opcheck(torch.ops.fedspa.sparse_conv2d_autograd,
+                          (values, S.crow_indices, S.col_indices, S.ccol_indices, S.row_indices_t, S.perm_t,
+                           x_t.requires_grad_(), *geometry, backend))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -171,37 +187,40 @@ def test_opcheck(backend, device):
 @pytest.mark.parametrize("backend,device", PARAMS)
 def test_bad_input_in_direct_op_calls(backend, device):
     """The raw ops check structures and geometry before any kernel reads memory through them."""
-    forward = fk.ops.sparse_conv2d.kernel(backend, "spconv2d")
-    input_grad = fk.ops.sparse_conv2d.kernel(backend, "spconv2d_input_grad")
-    weight_grad = fk.ops.sparse_conv2d.kernel(backend, "spconv2d_weight_grad")
+    forward, input_grad, weight_grad = (OPS[name].kernel(backend) for name in ("forward", "input_grad", "weight_grad"))
     geometry = ([3, 3], [1, 1], [1, 1], [1, 1])
     crow = torch.tensor([0, 2, 3], device=device)
     col = torch.tensor([0, 30, 1], dtype=torch.int32, device=device)  # 2 channels x 9 taps = 18 columns
     values, x_t = torch.ones(3, device=device), torch.randn(2, 5, 5, 2, device=device)
     with pytest.raises(ValueError, match=r"col_indices\[1\] = 30 is outside \[0, 18\)"):
-        forward(values, crow, col, None, x_t, *geometry, True)
+        forward(values, crow, col, x_t, *geometry)
     with pytest.raises(ValueError, match=r"col_indices\[1\] = 30 is outside \[0, 18\)"):
-        weight_grad(torch.randn(2, 5, 5, 2, device=device), x_t, crow, col, None, *geometry, True)
+        weight_grad(torch.randn(2, 5, 5, 2, device=device), x_t, crow, col, *geometry)
     col = torch.tensor([0, 17, 1], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match=r"stride.*\[0, 1\]"):
-        forward(values, crow, col, None, x_t, [3, 3], [0, 1], [1, 1], [1, 1], True)
+        forward(values, crow, col, x_t, [3, 3], [0, 1], [1, 1], [1, 1])
     with pytest.raises(ValueError, match=r"kernel_size.*\[3\]"):
-        forward(values, crow, col, None, x_t, [3], [1, 1], [1, 1], [1, 1], True)
+        forward(values, crow, col, x_t, [3], [1, 1], [1, 1], [1, 1])
     with pytest.raises(ValueError, match="gives an empty output"):
-        forward(values, crow, col, None, x_t, [7, 7], [1, 1], [0, 0], [1, 1], True)
+        forward(values, crow, col, x_t, [7, 7], [1, 1], [0, 0], [1, 1])
     with pytest.raises(TypeError, match="input_t is (torch.float64|Double) but the weights are (torch.float32|Float)"):
-        forward(values, crow, col, None, x_t.double(), *geometry, True)
+        forward(values, crow, col, x_t.double(), *geometry)
     with pytest.raises(ValueError, match=r"input_t must be 4-D \(C, H, W, N\)"):
-        forward(values, crow, col, None, x_t[0], *geometry, True)
+        forward(values, crow, col, x_t[0], *geometry)
     with pytest.raises(ValueError, match="grad_out_t is"):
-        weight_grad(torch.randn(2, 4, 5, 2, device=device), x_t, crow, col, None, *geometry, True)
+        weight_grad(torch.randn(2, 4, 5, 2, device=device), x_t, crow, col, *geometry)
     S = fk.SparseMatrix.from_dense(torch.randn(2, 18, device=device), torch.rand(2, 18, device=device) < 0.5)
     with pytest.raises(ValueError, match=r"an input of \[6, 6\] gives (\(6, 6\)|6x6) outputs"):
-        input_grad(S.values, S.ccol_indices, S.row_indices_t, S.perm_t, torch.randn(2, 5, 5, 2, device=device),
-                   [6, 6], *geometry, True)
+        input_grad(S.values[S.perm_t], S.ccol_indices, S.row_indices_t, torch.randn(2, 5, 5, 2, device=device),
+                   [6, 6], *geometry)
     with pytest.raises(ValueError, match="not a multiple of the kernel's 4 taps"):
-        input_grad(S.values, S.ccol_indices, S.row_indices_t, S.perm_t, torch.randn(2, 5, 5, 2, device=device),
-                   [5, 5], [2, 2], [1, 1], [0, 0], [1, 1], True)
+        input_grad(S.values[S.perm_t], S.ccol_indices, S.row_indices_t, torch.randn(2, 5, 5, 2, device=device),
+                   [5, 5], [2, 2], [1, 1], [0, 0], [1, 1])
+    with pytest.raises(ValueError, match=r"col_indices\[0\] = 9 is outside \[0, 2\)"):  # t_col: output channels
+        bad = S.row_indices_t.clone()
+        bad[0] = 9
+        input_grad(S.values[S.perm_t], S.ccol_indices, bad, torch.randn(2, 5, 5, 2, device=device), [5, 5],
+                   *geometry)
 
 
 def test_public_api_errors():
@@ -213,7 +232,7 @@ def test_public_api_errors():
         fk.sparse_conv2d(x, torch.randn(4, 18), 3)
     with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
         fk.sparse_conv2d(x, S, 3, stride=(1, 1, 1))
-    with pytest.raises(ValueError, match="input must be 4-D"):
+    with pytest.raises(ValueError, match="input must be a 4-D tensor"):
         fk.sparse_conv2d(x[0], S, 3)
     with pytest.raises(TypeError, match="input is torch.float64 but the weight is torch.float32"):
         fk.sparse_conv2d(x.double(), S, 3)
@@ -225,3 +244,23 @@ def test_public_api_errors():
         fk.sparse_conv2d(x, S, 3, dilation=3)
     with pytest.raises(ValueError, match="unknown backend 'mkl'"):
         fk.sparse_conv2d(x, S, 3, backend="mkl")
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_nan_input_reaches_exactly_the_outputs_whose_taps_read_it(backend, device):
+    """Sparse semantics: a NaN input pixel spreads only through stored weights, on every backend."""
+    S = _sparse_weight(3, 2, (3, 3), 0.3, torch.float32, device)
+    x = torch.randn(1, 2, 6, 6, device=device)
+    x[0, 1, 2, 3] = float("nan")
+    out = fk.sparse_conv2d(x, S, 3, padding=1, backend=backend).cpu()
+    # which outputs read input (c=1, 2, 3): output (o, y, x) reads it through tap (ky, kx) = (2 - y + 1, 3 - x + 1)
+    expected = torch.zeros(3, 6, 6, dtype=torch.bool)
+    for o in range(3):
+        for ky in range(3):
+            for kx in range(3):
+                y, xx = 2 + 1 - ky, 3 + 1 - kx
+                if 0 <= y < 6 and 0 <= xx < 6 and S.mask().cpu().view(3, 2, 3, 3)[o, 1, ky, kx]:
+                    expected[o, y, xx] = True
+    assert torch.equal(torch.isnan(out[0]), expected)
+    reference = fk.sparse_conv2d(x.cpu(), S.to("cpu"), 3, padding=1, backend="reference")
+    torch.testing.assert_close(out, reference, equal_nan=True, rtol=2e-5, atol=2e-5)

@@ -122,18 +122,20 @@ def test_noncontiguous_and_transposed_operands(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", PARAMS)
-def test_kernel_ops_with_perm(backend, device):
-    """The transposed orders (CSC metadata with perm) through the raw kernel ops."""
+def test_kernel_ops_on_the_transposed_order(backend, device):
+    """The raw kernel ops on the CSC metadata (values gathered into CSC order), as the backward passes use them."""
     suffix = "_triton" if backend == "triton" else ""
     S = _matrix(50, 70, 0.2, torch.float32, device)
     spmm = fk.spmm_reference if backend == "reference" else getattr(torch.ops.fedspa, "spmm" + suffix)
     sddmm = fk.sddmm_reference if backend == "reference" else getattr(torch.ops.fedspa, "sddmm" + suffix)
     e = torch.randn(50, 9, device=device)
-    got = spmm(S.values, S.ccol_indices, S.row_indices_t, S.perm_t, e, True)
+    poison_allocator(70 * 9, torch.float32, device)
+    got = spmm(S.values[S.perm_t], S.ccol_indices, S.row_indices_t, e)
     _close(got, S.to_dense().double().t() @ e.double(), torch.float32)
     a, bt = torch.randn(70, 9, device=device), torch.randn(50, 9, device=device)
-    got = sddmm(a, bt, S.ccol_indices, S.row_indices_t, S.perm_t, True)  # (a @ bt^T) on the transpose, CSR order
-    _close(got, (bt.double() @ a.double().t())[S.mask()], torch.float32)
+    got = sddmm(a, bt, S.ccol_indices, S.row_indices_t)  # (a @ bt^T) on the transpose, in CSC order
+    expected_csr = (bt.double() @ a.double().t())[S.mask()]
+    _close(got, expected_csr[S.perm_t.long()], torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -198,20 +200,18 @@ def test_opcheck(backend, device):
     S = _matrix(11, 13, 0.4, torch.float32, device)
     d = torch.randn(13, 5, device=device)
     a, bt = torch.randn(11, 6, device=device), torch.randn(13, 6, device=device)
-    structure = (S.crow_indices, S.col_indices, None, S.ccol_indices, S.row_indices_t, S.perm_t)
+    pattern = (S.crow_indices, S.col_indices, S.ccol_indices, S.row_indices_t, S.perm_t)
     if backend != "reference":
         suffix = "_triton" if backend == "triton" else ""
+        torch.library.opcheck(getattr(torch.ops.fedspa, "spmm" + suffix), (S.values, S.crow_indices, S.col_indices, d))
         torch.library.opcheck(getattr(torch.ops.fedspa, "spmm" + suffix),
-                              (S.values, S.crow_indices, S.col_indices, None, d, True))
-        torch.library.opcheck(getattr(torch.ops.fedspa, "spmm" + suffix),
-                              (S.values, S.ccol_indices, S.row_indices_t, S.perm_t, torch.randn(11, 5, device=device),
-                               False))
-        torch.library.opcheck(getattr(torch.ops.fedspa, "sddmm" + suffix),
-                              (a, bt, S.crow_indices, S.col_indices, None, True))
+                              (S.values[S.perm_t], S.ccol_indices, S.row_indices_t, torch.randn(11, 5, device=device)))
+        torch.library.opcheck(getattr(torch.ops.fedspa, "sddmm" + suffix), (a, bt, S.crow_indices, S.col_indices))
     values = S.values.detach().clone().requires_grad_()
-    torch.library.opcheck(torch.ops.fedspa.sparse_matmul, (values, *structure, d.requires_grad_(), backend, True))
-    torch.library.opcheck(torch.ops.fedspa.sampled_matmul,
-                          (a.requires_grad_(), bt.requires_grad_(), *structure, backend, True))
+    for transpose, dense in ((False, d), (True, torch.randn(11, 5, device=device))):
+        torch.library.opcheck(torch.ops.fedspa.spmm_autograd,
+                              (values, *pattern, dense.requires_grad_(), transpose, backend))
+    torch.library.opcheck(torch.ops.fedspa.sddmm_autograd, (a.requires_grad_(), bt.requires_grad_(), *pattern, backend))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def test_opcheck(backend, device):
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend,device", PARAMS)
 def test_bad_structures_in_direct_op_calls(backend, device):
-    """The raw ops validate indices before any kernel reads memory through them."""
+    """The raw ops check the pattern themselves before any kernel reads memory through it."""
     if backend == "reference":
         spmm, sddmm = fk.spmm_reference, fk.sddmm_reference
     else:
@@ -230,36 +230,42 @@ def test_bad_structures_in_direct_op_calls(backend, device):
     col = torch.tensor([0, 9, 1], dtype=torch.int32, device=device)
     values, d = torch.ones(3, device=device), torch.randn(4, 2, device=device)
     with pytest.raises(ValueError, match=r"col_indices\[1\] = 9 is outside \[0, 4\)"):
-        spmm(values, crow, col, None, d, True)
+        spmm(values, crow, col, d)
     with pytest.raises(ValueError, match=r"col_indices\[1\] = 9 is outside \[0, 4\)"):
-        sddmm(torch.randn(2, 3, device=device), torch.randn(4, 3, device=device), crow, col, None, True)
+        sddmm(torch.randn(2, 3, device=device), torch.randn(4, 3, device=device), crow, col)
+    with pytest.raises(ValueError, match=r"col_indices\[0\] = -1 is outside \[0, 4\)"):
+        spmm(values, crow, torch.tensor([-1, 3, 1], dtype=torch.int32, device=device), d)
     col = torch.tensor([0, 3, 1], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="crow_indices decreases at row 1: 2 -> 1"):
-        spmm(values, torch.tensor([0, 2, 1, 3], device=device), col, None, d, True)
+        spmm(values, torch.tensor([0, 2, 1, 3], device=device), col, d)
     with pytest.raises(ValueError, match="must start at 0 and end at nnz=3"):
-        spmm(values, torch.tensor([0, 2, 4], device=device), col, None, d, True)
-    bad_perm = torch.tensor([0, 0, 1], dtype=torch.int32, device=device)
-    with pytest.raises(ValueError, match=r"perm is not a permutation of \[0, 3\)"):
-        spmm(values, crow, col, bad_perm, d, True)
-    with pytest.raises(ValueError, match=r"perm\[2\] = 7 is outside \[0, 3\)"):
-        spmm(values, crow, col, torch.tensor([0, 1, 7], dtype=torch.int32, device=device), d, True)
+        spmm(values, torch.tensor([0, 2, 4], device=device), col, d)
+    with pytest.raises(ValueError, match="must start at 0 and end at nnz=3"):
+        spmm(values, torch.tensor([1, 2, 3], device=device), col, d)
+    with pytest.raises(ValueError, match="column indices of row 0 are not strictly increasing at nonzero 1: 3 then 3"):
+        spmm(values, crow, torch.tensor([3, 3, 1], dtype=torch.int32, device=device), d)
+    with pytest.raises(ValueError, match="column indices of row 0 are not strictly increasing at nonzero 1: 3 then 0"):
+        sddmm(torch.randn(2, 3, device=device), torch.randn(4, 3, device=device), crow,
+              torch.tensor([3, 0, 1], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="2 values for 3 nonzeros"):
+        spmm(values[:2], crow, col, d)
     with pytest.raises(TypeError, match="col_indices must be a 1-D int32 tensor"):
-        spmm(values, crow, col.long(), None, d, True)
+        spmm(values, crow, col.long(), d)
     with pytest.raises(TypeError, match="crow_indices must be a non-empty 1-D int64 tensor"):
-        spmm(values, crow.int(), col, None, d, True)
+        spmm(values, crow.int(), col, d)
     with pytest.raises(TypeError, match="dense is torch.float64 but values are torch.float32|dense is Double but values are Float"):
-        spmm(values, crow, col, None, d.double(), True)
+        spmm(values, crow, col, d.double())
 
 
-def test_autograd_ops_validate_both_orders():
+def test_autograd_ops_take_the_backend_and_check_the_permutation():
     S = fk.SparseMatrix.from_dense(torch.randn(5, 6), torch.rand(5, 6) < 0.5)
-    bad_perm = S.perm_t.flip(0).contiguous()
-    with pytest.raises(ValueError, match="in its transpose"):
-        torch.ops.fedspa.sparse_matmul(S.values, S.crow_indices, S.col_indices, None, S.ccol_indices,
-                                       S.row_indices_t, bad_perm, torch.randn(6, 2), "reference", True)
+    pattern = (S.crow_indices, S.col_indices, S.ccol_indices, S.row_indices_t)
+    bad_perm = S.perm_t.clone()
+    bad_perm[0] = 10**6
+    with pytest.raises(ValueError, match=r"spmm: perm_t\[0\] = 1000000 is outside \[0, "):
+        torch.ops.fedspa.spmm_autograd(S.values, *pattern, bad_perm, torch.randn(5, 2), True, "cpp")
     with pytest.raises(ValueError, match="unknown backend 'mkl'"):
-        torch.ops.fedspa.sparse_matmul(S.values, S.crow_indices, S.col_indices, None, S.ccol_indices,
-                                       S.row_indices_t, S.perm_t, torch.randn(6, 2), "mkl", True)
+        torch.ops.fedspa.spmm_autograd(S.values, *pattern, S.perm_t, torch.randn(6, 2), False, "mkl")
 
 
 def test_public_api_errors():
@@ -284,3 +290,44 @@ def test_public_api_errors():
         fk.sparse_linear(torch.randn(2, 5), S)
     with pytest.raises(ValueError, match="bias must be \\(5,\\)"):
         fk.sparse_linear(torch.randn(2, 6), S, torch.randn(4))
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_nan_and_inf_reach_exactly_the_outputs_that_read_them(backend, device):
+    """Sparse semantics on every backend: only stored entries multiply, so a NaN/Inf in dense row j reaches the
+    output rows with a nonzero in column j and no other (a dense matmul would spread 0 * inf everywhere)."""
+    S = _matrix(12, 9, 0.3, torch.float32, device)
+    d = torch.randn(9, 4, device=device)
+    d[2, 1], d[5, :] = float("nan"), float("inf")
+    out = fk.spmm(S, d, backend=backend)
+    mask = S.mask().cpu()
+    reads = mask[:, [2, 5]].any(1)
+    assert torch.isfinite(out.cpu()[~reads]).all()
+    assert (~torch.isfinite(out.cpu()[mask[:, 5]])).all()  # +-inf, or nan where opposite infinities meet
+    torch.testing.assert_close(out.cpu(), fk.spmm(S.to("cpu"), d.cpu(), backend="reference"), equal_nan=True)
+    a, b = torch.randn(12, 3, device=device), torch.randn(3, 9, device=device)
+    a[4, 0] = float("nan")
+    got = fk.sddmm(a, b, S, backend=backend).cpu()
+    rows = S.row_indices().cpu()
+    assert torch.isnan(got[rows == 4]).all() and torch.isfinite(got[rows != 4]).all()
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_an_unsorted_pair_is_found_at_every_position_of_a_long_row(backend, device):
+    """The native checks scan rows eight columns at a time: a duplicate or a decrease at any lane or in the
+    tail is found."""
+    if backend == "triton" and device == "cpu":
+        pytest.skip("one position suffices for the interpreter (the scan is the Python check there)")
+    crow = torch.tensor([0, 3, 3 + 37], device=device)
+    good = torch.cat([torch.tensor([1, 4, 9]), torch.arange(0, 74, 2)]).to(device=device, dtype=torch.int32)
+    d = torch.randn(80, 2, device=device)
+    kernel = fk.ops.spmm.SPMM.kernel(backend)
+    kernel(torch.ones(40, device=device), crow, good, d)
+    for k in range(4, 40):
+        for kind, value in (("duplicate", good[k - 1]), ("decrease", good[k - 1] - 1)):
+            if value < 0:
+                continue  # below the first column: reported as out of range instead
+            bad = good.clone()
+            bad[k] = value
+            with pytest.raises(ValueError, match=f"row 1 are not strictly increasing at nonzero {k}"):
+                kernel(torch.ones(40, device=device), crow, bad, d)
