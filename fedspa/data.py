@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import pickle
 import struct
@@ -193,20 +194,92 @@ class DatasetNotFoundError(FileNotFoundError):
 # ------------------------------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------------------------------
-def _read_idx(path: Path) -> np.ndarray:
+FEMNIST_CLASSES = 62  # digits, upper- and lower-case letters
+MAX_IDX_BYTES = 1 << 31  # an uncompressed IDX file larger than any image dataset we load is refused, not read
+
+
+def _read_idx(path: Path, dims: int) -> np.ndarray:
+    """An unsigned-byte IDX file with `dims` dimensions; its header is checked against its length."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 8:
-        raise ValueError(f"{path} is too short to be an IDX file")
-    zero, dtype_code, dims = struct.unpack(">HBB", data[:4])
+    try:
+        with opener(path, "rb") as f:
+            data = f.read(MAX_IDX_BYTES + 1)  # bounded even for a gzip bomb
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise ValueError(f"{path} cannot be read as an IDX file: {exc}") from None
+    if len(data) > MAX_IDX_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_IDX_BYTES} bytes: not an IDX file of this dataset")
+    if len(data) < 4 + 4 * dims:
+        raise ValueError(f"{path} is too short to be an IDX file ({len(data)} bytes)")
+    zero, dtype_code, found = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()})")
+    if found != dims:
+        raise ValueError(f"{path} has {found} dimensions, expected {dims}")
     shape = struct.unpack(">" + "I" * dims, data[4:4 + 4 * dims])
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
-    if array.size != int(np.prod(shape)):
+    if array.size != math.prod(shape):
         raise ValueError(f"{path} holds {array.size} bytes for shape {shape}")
     return array.reshape(shape)
+
+
+def _numpy_dtype(*args):
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"refused an object dtype ({dtype})")
+    return dtype
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
+    # Python 3 writes bytes into a protocol-2 pickle as _codecs.encode(text, "latin1"); nothing else is admitted
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise pickle.UnpicklingError(f"refused _codecs.encode with {type(text).__name__}, {encoding!r}, {errors!r}")
+    return text.encode("latin1")
+
+
+_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
+# the globals the official CIFAR pickles name (numpy 1 and 2 module paths); nothing else is ever imported
+_CIFAR_GLOBALS = {
+    **{(module, "_reconstruct"): _RECONSTRUCT for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _numpy_dtype,
+    ("_codecs", "encode"): _latin1_bytes,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what the official CIFAR files contain: dicts, lists, bytes, str, numbers and numpy arrays."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR file holds only dicts, "
+                                         "lists, bytes, strings, numbers and numpy arrays") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refused a persistent id: not a CIFAR file")
+
+
+def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python batch (images (n, 3072) uint8, labels (n,)), parsed without running any code."""
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except Exception as exc:  # noqa: BLE001  (whatever a crafted file raises while parsing is "not a CIFAR file")
+        raise ValueError(f"{path} is not a CIFAR python batch: {type(exc).__name__}: {exc}") from None
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        keys = sorted(map(repr, batch)) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"{path} is not a CIFAR python batch: expected a dict with b'data' and {label_key!r}, "
+                         f"got {keys}")
+    images, labels = batch[b"data"], batch[label_key]
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
+        raise ValueError(f"{path}: b'data' must be a uint8 array of shape (n, 3072), got "
+                         f"{getattr(images, 'dtype', type(images).__name__)} {getattr(images, 'shape', '')}")
+    if not isinstance(labels, list) or len(labels) != len(images) or not all(
+            type(label) is int and 0 <= label < 100 for label in labels):
+        raise ValueError(f"{path}: {label_key!r} must list one integer label in [0, 100) per image "
+                         f"({len(images)} images)")
+    return images, np.asarray(labels, dtype=np.int64)
 
 
 def _find(root: Path, name: str) -> Path | None:
@@ -234,8 +307,15 @@ def load_idx(dataset: str, root: str | None) -> Pool:
     for base in searched:
         paths = [_find(base, n) for n in names]
         if all(paths):
-            images = np.concatenate([_read_idx(paths[0]), _read_idx(paths[2])])
-            labels = np.concatenate([_read_idx(paths[1]), _read_idx(paths[3])]).astype(np.int64)
+            images, labels = [], []
+            for image_path, label_path in ((paths[0], paths[1]), (paths[2], paths[3])):
+                split_images, split_labels = _read_idx(image_path, 3), _read_idx(label_path, 1)
+                if len(split_images) != len(split_labels):
+                    raise ValueError(f"{image_path} holds {len(split_images)} images but {label_path} "
+                                     f"{len(split_labels)} labels")
+                images.append(split_images)
+                labels.append(split_labels)
+            images, labels = np.concatenate(images), np.concatenate(labels).astype(np.int64)
             x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
             if dataset == "emnist":  # EMNIST images are stored transposed
                 x = x.transpose(2, 3).contiguous()
@@ -255,12 +335,7 @@ def load_cifar(dataset: str, root: str | None) -> Pool:
             searched.append(directory)
             paths = [directory / f for f in train_files + test_files]
             if all(p.is_file() for p in paths):
-                images, labels = [], []
-                for p in paths:
-                    with open(p, "rb") as f:
-                        batch = pickle.load(f, encoding="bytes")
-                    images.append(np.asarray(batch[b"data"], dtype=np.uint8))
-                    labels.append(np.asarray(batch[label_key], dtype=np.int64))
+                images, labels = zip(*(_read_cifar_batch(p, label_key) for p in paths))
                 x = torch.from_numpy(np.concatenate(images).reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
                 y = torch.from_numpy(np.concatenate(labels))
                 return Pool(x, y, int(y.max()) + 1, dataset)
@@ -302,9 +377,19 @@ def load_femnist(root: str | None, clients: int) -> list[tuple[str, np.ndarray, 
             for user in complete[:clients]:
                 arrays = []
                 for split in ("train", "test"):
-                    x = np.concatenate([np.asarray(d["x"], dtype=np.float32) for d in users[user][split]])
-                    y = np.concatenate([np.asarray(d["y"], dtype=np.int64) for d in users[user][split]])
-                    arrays += [x.reshape(-1, 28, 28), y]
+                    try:
+                        x = np.concatenate([np.asarray(d["x"], dtype=np.float32) for d in users[user][split]])
+                        y = np.concatenate([np.asarray(d["y"], dtype=np.int64) for d in users[user][split]])
+                        x = x.reshape(-1, 28, 28)
+                    except (ValueError, KeyError, TypeError, OverflowError) as exc:
+                        raise ValueError(f"femnist: writer {user!r}'s {split} data in {directory} is not LEAF's "
+                                         f"(x: 784 numbers per image, y: an integer each): {exc}") from None
+                    if len(x) != len(y) or not len(y) or y.min() < 0 or y.max() >= FEMNIST_CLASSES or \
+                            not np.isfinite(x).all():
+                        raise ValueError(f"femnist: writer {user!r}'s {split} data in {directory} needs as many "
+                                         f"labels in [0, {FEMNIST_CLASSES}) as images (finite pixels); got "
+                                         f"{len(x)} images and {len(y)} labels")
+                    arrays += [x, y]
                 out.append((user, *arrays))
             return out
     raise DatasetNotFoundError(

@@ -88,15 +88,90 @@ def test_idx_files_from_a_directory(tmp_path):
         load_idx("mnist", str(tmp_path))
 
 
-def test_cifar_pickles_from_a_directory(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
+@pytest.mark.parametrize(("labels_file", "message"), [
+    (b"\0\0\x08\x01\0\0", "too short to be an IDX file"),  # the header announces a dimension it cuts off
+    (b"\0\0\x08\x03\0\0\0\x01\0\0\0\x01\0\0\0\x01a", "has 3 dimensions, expected 1"),
+    (b"\0\0\x0d\x01\0\0\0\x01abcd", "not an unsigned-byte IDX file"),
+    (b"\0\0\x08\x01\0\0\0\x03abc", "holds 10 images but"),  # fewer labels than images
+    (b"\x1f\x8b\x08\0garbage", "cannot be read as an IDX file"),  # a corrupt gzip stream
+])
+def test_crafted_idx_file_is_a_clear_error(labels_file, message, tmp_path):
     rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        labels_file if labels_file.startswith(b"\x1f\x8b") else gzip.compress(labels_file))
+    with pytest.raises(ValueError, match=message):
+        load_idx("mnist", str(tmp_path))
+
+
+CIFAR10_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def _write_cifar10(folder, batch=None):
+    """Batches laid out as the official archive's (protocol 2, as Python 2's cPickle wrote them)."""
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in CIFAR10_BATCHES:
+        content = batch if batch is not None else {
+            b"batch_label": b"training batch", b"labels": [0, 1, 2, 9],
+            b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+            b"filenames": [b"a.png", b"b.png", b"c.png", b"d.png"]}
         with open(folder / name, "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 9]}, f)
+            pickle.dump(content, f, protocol=2)
+
+
+def test_cifar_pickles_from_a_directory(tmp_path):
+    _write_cifar10(tmp_path / "cifar-10-batches-py")
     pool = load_cifar("cifar10", str(tmp_path))
     assert pool.x.shape == (24, 3, 32, 32) and pool.num_classes == 10
+
+
+class _RunsCode:
+    """What a crafted pickle carries: unpickling it calls os.system (here: creates a file)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.target}",)
+
+
+@pytest.mark.parametrize("payload", ["code_at_top_level", "code_inside_the_batch_dict", "torch_tensor"])
+def test_crafted_cifar_pickle_cannot_run_code(payload, tmp_path):
+    marker = tmp_path / "code-ran"
+    batch = {"code_at_top_level": _RunsCode(marker),
+             "code_inside_the_batch_dict": {b"data": np.zeros((1, 3072), np.uint8), b"labels": [_RunsCode(marker)]},
+             "torch_tensor": {b"data": torch.zeros(1, 3072, dtype=torch.uint8), b"labels": [0]}}[payload]
+    _write_cifar10(tmp_path / "cifar-10-batches-py", batch)
+    with pytest.raises(ValueError, match="is not a CIFAR python batch.*refused to load"):
+        load_cifar("cifar10", str(tmp_path))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(("batch", "message"), [
+    ([1, 2, 3], "expected a dict with b'data'"),
+    ({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, "must be a uint8 array of shape"),
+    ({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, "must be a uint8 array of shape"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, "one integer label in"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, -1]}, "one integer label in"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, "cat"]}, "one integer label in"),
+    ({b"data": np.zeros((2, 3072), object), b"labels": [0, 1]}, "refused an object dtype"),
+])
+def test_malformed_cifar_batch_is_a_clear_error(batch, message, tmp_path):
+    _write_cifar10(tmp_path / "cifar-10-batches-py", batch)
+    with pytest.raises(ValueError, match=message):
+        load_cifar("cifar10", str(tmp_path))
+
+
+def test_truncated_cifar_pickle_is_a_clear_error(tmp_path):
+    _write_cifar10(tmp_path / "cifar-10-batches-py")
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="test_batch is not a CIFAR python batch"):
+        load_cifar("cifar10", str(tmp_path))
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "mnist", "emnist"])
@@ -135,3 +210,21 @@ def test_femnist_needs_the_natural_partition():
         ExperimentConfig.load(None, ["data.dataset=femnist"])
     with pytest.raises(ValueError, match="data.partition=natural"):
         ExperimentConfig.load(None, ["data.partition=natural"])
+
+
+@pytest.mark.parametrize(("x", "y", "message"), [
+    ([[0.5] * 784, [0.5] * 100], [1, 2], "is not LEAF's"),  # ragged images
+    ([[0.5] * 784] * 2, [1], "needs as many labels"),  # fewer labels than images
+    ([[0.5] * 784] * 2, [1, 62], "needs as many labels in \\[0, 62\\)"),
+    ([[0.5] * 784] * 2, [1, "a"], "is not LEAF's"),
+    ([[0.5] * 783] * 2, [1, 2], "is not LEAF's"),
+])
+def test_malformed_femnist_writer_data_is_a_clear_error(x, y, message, tmp_path):
+    import json
+
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        blob = {"users": ["w1"], "user_data": {"w1": {"x": x, "y": y}}}
+        (tmp_path / split / "all_data_0.json").write_text(json.dumps(blob))
+    with pytest.raises(ValueError, match=message):
+        federated_data(DataConfig(dataset="femnist", partition="natural", root=str(tmp_path)), 1)
