@@ -49,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
 
     train = sub.add_parser("train", help="run one federated experiment")
     _add_config_arguments(train)
-    train.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt if it exists")
+    replace = train.add_mutually_exclusive_group()
+    replace.add_argument("--resume", action="store_true",
+                         help="continue the run in --output from its checkpoint (a larger rounds=N extends a "
+                              "finished run)")
+    replace.add_argument("--overwrite", action="store_true", help="replace the run in --output (its files only)")
 
     compare = sub.add_parser("compare", help="several algorithms on the same partition and seeds, one table")
     _add_config_arguments(compare)
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         _add_config_arguments(parser_mode)
         parser_mode.add_argument("--round-timeout", type=float, default=120.0,
                                  help="seconds the server waits for a round's replies")
+        parser_mode.add_argument("--overwrite", action="store_true", help="replace the run in --output (its files)")
 
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -82,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "device", None):
         args.overrides = [*args.overrides, f"device={args.device}"]
     try:
+        if getattr(args, "resume", False) and not args.output:
+            raise ValueError("--resume needs --output, the folder of the run to continue")
         config = ExperimentConfig.load(args.config, args.overrides)
         from .device import resolve_device
 
@@ -94,13 +101,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedspa {args.command}: {exc}", file=sys.stderr)
         return 2
     from .data import DatasetNotFoundError
-    from .train import CheckpointError
+    from .train import CheckpointError, RunExistsError
 
     try:
         if args.command == "flower":
             from .flower import launch
 
-            out = args.output or f"{config.output_dir}/flower_{args.mode}"
+            import datetime as _dt
+            from pathlib import Path
+
+            from .train import prepare_output
+
+            stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            out = Path(args.output or f"{config.output_dir}/{stamp}_flower_{args.mode}")
+            prepare_output(out, resume=False, overwrite=args.overwrite)
             if args.mode == "simulate":
                 summary = launch.simulate(config, out, args.round_timeout)
             else:
@@ -113,14 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .train import run
 
-            result = run(config, output_dir=args.output, resume=args.resume)
+            result = run(config, output_dir=args.output, resume=args.resume, overwrite=args.overwrite)
             print("\n".join(_summary_lines(result.summary)))
             return 0
         from .compare import compare as run_compare
 
         comparison = run_compare(config, variants, args.seeds,
                                  output_dir=args.output, target_accuracy=args.target, resume=not args.restart)
-    except (DatasetNotFoundError, CheckpointError) as exc:
+    except (DatasetNotFoundError, CheckpointError, RunExistsError, ValueError, OSError) as exc:
+        # ValueError: what only the run can check (the output folder, a data file, the model against the data);
+        # OSError: a folder that cannot be written, a file that cannot be read
         print(f"fedspa {args.command}: {exc}", file=sys.stderr)
         return 2
     print(comparison.markdown)

@@ -218,7 +218,10 @@ def compare(config: ExperimentConfig, variants: list[str] | tuple[str, ...] = DE
     for variant in parsed:
         for seed in seeds:
             run_config = variant.configure(config, seed)
-            runs.setdefault(variant.label, []).append(run(run_config, output_dir=out / run_config.name, resume=resume))
+            folder = out / run_config.name
+            again = resume and (folder / "checkpoint.pt").is_file()  # otherwise: (re)started from scratch
+            runs.setdefault(variant.label, []).append(run(run_config, output_dir=folder, resume=again,
+                                                          overwrite=not again))
     if target_accuracy is None:
         target_accuracy = 0.95 * min(_mean_std([r.summary["final_acc_pooled"] for r in results])[0]
                                      for results in runs.values())

@@ -16,6 +16,8 @@ import copy
 import dataclasses
 import json
 import math
+import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -27,6 +29,10 @@ PARTITIONS = ("dirichlet", "pathological", "iid", "natural")
 MODELS = ("mlp", "cnn", "resnet18", "custom")
 NORM_LAYERS = ("shared", "local")
 CUSTOM = "custom"  # model.name / data.dataset of a run given its own model_fn / data
+
+RUN_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,99}")
+MAX_SEED = 2**32  # seeds lie in [0, 2**32): what every generator we seed (numpy, torch) accepts
+MAX_INT = 2**31 - 1  # no integer setting needs more; larger ones fail later, deep inside a library
 
 # keys that moved into an algorithm's section: the old spelling is an error that names the new one
 MOVED_KEYS = {"ditto_lambda": "ditto.lambda", "finetune_epochs": "fedavg_ft.epochs",
@@ -139,9 +145,21 @@ class ExperimentConfig:
         _choice("data.partition", self.data.partition, PARTITIONS)
         _choice("model.name", self.model.name, MODELS)
         _choice("norm_layers", self.norm_layers, NORM_LAYERS)
+        if not isinstance(self.name, str) or not RUN_NAME.fullmatch(self.name):
+            raise ValueError(f"name must be 1-100 letters, digits, '.', '_', '+' or '-' and not start with '.' "
+                             f"(it names the run's folder under output_dir), got {self.name!r}")
+        seeds = ("seed", "data.seed")
+        for name in seeds:
+            if not 0 <= self.get(name) < MAX_SEED:
+                raise ValueError(f"{name} must lie in [0, 2**32), got {self.get(name)}")
         for name, value in _flatten(self.to_dict()).items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}")
+            if isinstance(value, int) and not isinstance(value, bool) and name not in seeds and \
+                    not -MAX_INT <= value <= MAX_INT:
+                raise ValueError(f"{name} must lie in [-{MAX_INT}, {MAX_INT}], got {value}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be an integer >= 1 or null (torch's default), got {self.threads}")
         if not 0.0 < self.client_fraction <= 1.0:
             raise ValueError(f"client_fraction must lie in (0, 1], got {self.client_fraction}")
         if not 0.0 < self.data.test_fraction < 1.0:
@@ -205,7 +223,7 @@ class ExperimentConfig:
     def from_dict(cls, values: dict) -> ExperimentConfig:
         """Builds a config from nested dicts; unknown keys are an error."""
         if not isinstance(values, dict):
-            raise ValueError(f"config must be a mapping, got {values!r}")
+            raise ValueError(f"config must be a mapping, got {reprlib.repr(values)}")
         _builtin_algorithms()
         for old, new in MOVED_KEYS.items():
             section, _, key = old.rpartition(".")
@@ -229,8 +247,12 @@ class ExperimentConfig:
             p = Path(path)
             if not p.is_file():
                 raise FileNotFoundError(f"config file {p} does not exist")
-            text = p.read_text()
-            values = (json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)) or {}
+            try:
+                text = p.read_text()
+                values = (json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)) or {}
+            except (yaml.YAMLError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise ValueError(f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
+                                 f"{_one_line(exc)}") from None
             if not isinstance(values, dict):
                 raise ValueError(f"config file {p} must hold a mapping at the top level")
         for item in overrides or []:
@@ -243,8 +265,15 @@ class ExperimentConfig:
                 node = node.setdefault(part, {})
                 if not isinstance(node, dict):
                     raise ValueError(f"override {item!r}: {part} is not a section")
-            node[parts[-1]] = yaml.safe_load(raw)
+            try:
+                node[parts[-1]] = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise ValueError(f"override {item!r}: the value is not valid YAML: {_one_line(exc)}") from None
         return cls.from_dict(values).validate()
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -286,7 +315,10 @@ def flatten(d: dict) -> dict:
 
 def _build(cls, values: dict, prefix: str, extra_known: list[str] = ()):
     if not isinstance(values, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {reprlib.repr(values)}")
+    bad_keys = [k for k in values if not isinstance(k, str)]
+    if bad_keys:
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: keys must be strings, got {reprlib.repr(bad_keys)}")
     hints = get_type_hints(cls)
     fields = {_key(f.name): f.name for f in dataclasses.fields(cls) if f.name != "sections"}
     unknown = sorted(set(values) - set(fields))
@@ -318,4 +350,4 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return value
     if "str" in text and isinstance(value, str):
         return value
-    raise ValueError(f"{name} has the wrong type: {value!r} ({type(value).__name__}), expected {text}")
+    raise ValueError(f"{name} has the wrong type: {reprlib.repr(value)} ({type(value).__name__}), expected {text}")

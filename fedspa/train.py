@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import logging
 import math
 import os
 import pickle
@@ -41,11 +42,13 @@ from tqdm import tqdm
 
 from . import __version__
 from .algorithms import registry
-from .algorithms.base import Client, LossFn, ModelFactory, Server, Upload
+from .algorithms.base import Client, LossFn, ModelFactory, Server, TrainMetrics, Upload
 from .config import CUSTOM, ExperimentConfig, flatten
 from .data import FederatedData, federated_data, plot_label_distribution
 from .device import resolve_device
 from .models import build_model
+
+_log = logging.getLogger("fedspa")
 
 CHECKPOINT_FORMAT = "fedspa-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -61,7 +64,21 @@ class RunResult:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is corrupt, not fedspa's, or written by a different experiment."""
+    """A checkpoint that is corrupt, malformed, not fedspa's, or written by a different experiment."""
+
+
+class RunExistsError(ValueError):
+    """The output folder already holds a run, and neither resuming nor overwriting it was asked for."""
+
+
+# what a run writes into its folder: all of it, and nothing else, is removed when a run is overwritten
+RUN_FILES = ("checkpoint.pt", "checkpoint.tmp", "config.yaml", "run.json", "partition.json", "metrics.jsonl",
+             "metrics.csv", "summary.json", "label_distribution.png", "accuracy_vs_round.png",
+             "accuracy_vs_bytes.png")
+# run files whose presence means the folder holds a run
+_RUN_MARKERS = ("checkpoint.pt", "config.yaml", "metrics.jsonl", "summary.json")
+# history fields every row has (summaries add them up)
+_HISTORY_NUMBERS = ("bytes_up", "bytes_down", "flops", "train_seconds")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -84,18 +101,27 @@ class Federation:
         return {"algorithm": self.spec.name, "model": self.models.describe(), "data": self.data.describe(),
                 "device": str(self.device)}
 
-    def round(self, round_index: int) -> tuple[list[Upload], float]:
-        """One training round; returns the uploads (with their metrics) and the seconds spent profiling."""
-        uploads, profiling = [], 0.0
+    def round(self, round_index: int) -> tuple[list[int], list[Upload], dict[str, str], float]:
+        """One training round: the sampled clients, the uploads aggregated, the clients dropped (client -> reason:
+        an upload the server's ``receive`` refused) and the seconds spent profiling."""
         sampled = self.server.sample(round_index)
+        uploads, received, dropped, profiling = [], [], {}, 0.0
         for position, k in enumerate(sampled):
             downlink = self.server.downlink(k, round_index)
             measure = self.config.measure_memory and position == 0
             payload, metrics = self.clients[k].round(downlink, round_index, measure_memory=measure)
-            profiling += metrics.profiling_seconds
-            uploads.append(Upload(k, payload, metrics, len(downlink)))
-        self.server.aggregate([self.server.receive(u) for u in uploads], round_index)
-        return uploads, profiling
+            try:  # what a Flower server receives: the payload and the metrics as a record, both checked
+                upload = Upload(k, payload, TrainMetrics.from_record(metrics.to_record()), len(downlink))
+                profiling += upload.metrics.profiling_seconds
+                received.append(self.server.receive(upload))
+            except Exception as exc:  # noqa: BLE001  (whatever is wrong with an upload drops that client only)
+                dropped[str(k)] = f"malformed upload: {type(exc).__name__}: {exc}"
+                _log.warning("round %d: client %d dropped (%s)", round_index + 1, k, dropped[str(k)])
+                self.server.drop(k)
+                continue
+            uploads.append(upload)
+        self.server.aggregate(received, round_index)
+        return sampled, uploads, dropped, profiling
 
     def evaluate(self, round_index: int) -> dict:
         """Every client's personal model on its own test split: pooled accuracy and loss, mean/std over clients."""
@@ -206,26 +232,115 @@ def load_checkpoint(path: Path, config: ExperimentConfig, setup: dict | None = N
     if state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {path} has version {state.get('version')}, this fedspa reads "
                               f"{CHECKPOINT_VERSION} (a checkpoint of an older fedspa cannot be resumed: start afresh)")
-    differing = _semantic_differences(state["config"], config)
+    _check_fields(path, state, config)
+    try:
+        differing = [d for d in _semantic_differences(state["config"], config) if d[0] != "rounds"]
+    except Exception as exc:  # noqa: BLE001  (a config that cannot even be compared is malformed)
+        raise CheckpointError(f"checkpoint {path}: its config is malformed ({type(exc).__name__}: {exc})") from None
     if differing:
         details = ", ".join(f"{k}: {saved!r} in the checkpoint, {current!r} now" for k, saved, current in differing)
         raise CheckpointError(f"checkpoint {path} was written by a different experiment ({details})")
     if setup is not None:
-        saved_setup = state.get("setup", {})
+        saved_setup = state["setup"]
         for part, key in (("model", "layout_sha256"), ("model", "class"), ("data", "sha256")):
-            if saved_setup.get(part, {}).get(key) != setup[part][key]:
+            saved = saved_setup.get(part)
+            saved = saved.get(key) if isinstance(saved, dict) else None
+            if saved != setup[part][key]:
                 raise CheckpointError(f"checkpoint {path} was written with another {part} ({part}.{key}: "
-                                      f"{saved_setup.get(part, {}).get(key)!r} in the checkpoint, "
-                                      f"{setup[part][key]!r} now)")
+                                      f"{saved!r} in the checkpoint, {setup[part][key]!r} now)")
     return state
+
+
+def _check_fields(path: Path, state: dict, config: ExperimentConfig) -> None:
+    """The checkpoint's own fields: present, of their types, the round within the history and the run."""
+    types = {"config": dict, "setup": dict, "round": int, "server": dict, "clients": list, "history": list}
+    for key, kind in types.items():
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path} lacks the field {key!r}")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise CheckpointError(f"checkpoint {path}: {key} must be a {kind.__name__}, got "
+                                  f"{type(state[key]).__name__}")
+    done, history = state["round"], state["history"]
+    if not 0 <= done <= config.rounds:
+        raise CheckpointError(f"checkpoint {path} has {done} rounds done; this run has rounds={config.rounds} "
+                              f"(resume with rounds >= {done} to continue it)" if done > 0 else
+                              f"checkpoint {path} has round {done}, which no run reaches")
+    if len(history) != done:
+        raise CheckpointError(f"checkpoint {path} has {done} rounds done but {len(history)} history rows")
+    for i, row in enumerate(history):
+        if not isinstance(row, dict) or row.get("round") != i + 1:
+            raise CheckpointError(f"checkpoint {path}: history row {i} must be a dict for round {i + 1}")
+        for key in _HISTORY_NUMBERS:
+            value = row.get(key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise CheckpointError(f"checkpoint {path}: history row {i} needs a finite number {key}, got "
+                                      f"{value!r}")
+
+
+def _restore(path: Path, state: dict, fed: Federation) -> None:
+    """Loads both halves' states from a checked checkpoint; any problem is a CheckpointError naming it."""
+    clients = state["clients"]
+    if len(clients) != len(fed.clients):
+        raise CheckpointError(f"checkpoint {path} holds {len(clients)} clients, the run has {len(fed.clients)}")
+    parts = [("server state", fed.server, state["server"])]
+    parts += [(f"client {k}'s state", client, s) for k, (client, s) in enumerate(zip(fed.clients, clients))]
+    for what, half, part in parts:
+        try:
+            half.load_state_dict(part)
+        except Exception as exc:  # noqa: BLE001  (whatever a malformed state raises, it is this checkpoint's fault)
+            raise CheckpointError(f"checkpoint {path}: {what} is malformed: {type(exc).__name__}: {exc}") from None
 
 
 def _save_checkpoint(path: Path, fed: Federation, round_index: int, history: list[dict], setup: dict) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": fed.config.to_dict(),
-                "setup": setup, "round": round_index, "server": fed.server.state_dict(),
-                "clients": [c.state_dict() for c in fed.clients], "history": history}, tmp)
+    with open(tmp, "wb") as f:
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": fed.config.to_dict(),
+                    "setup": setup, "round": round_index, "server": fed.server.state_dict(),
+                    "clients": [c.state_dict() for c in fed.clients], "history": history}, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before it replaces the last good checkpoint
     os.replace(tmp, path)  # atomic: a kill never leaves a half-written checkpoint
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory handles (Windows): the rename is as durable as it gets
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Makes `out` ready for a run: refuses a file, or a folder holding a run unless it is resumed or overwritten
+    (overwriting removes the run's own files, nothing else).
+
+    Raises:
+        ValueError: `out` is a file, or both `resume` and `overwrite` were asked for.
+        RunExistsError: `out` holds a run and neither `resume` nor `overwrite` was asked for.
+        CheckpointError: `resume`, but `out` holds no checkpoint.
+    """
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the output {out} is a file, not a folder")
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise CheckpointError(f"nothing to resume: {out} holds no checkpoint.pt")
+        return
+    held = [name for name in _RUN_MARKERS if (out / name).exists()]
+    if held and not overwrite:
+        raise RunExistsError(f"{out} already holds a run ({', '.join(held)}); resume it (--resume) or replace it "
+                             "(--overwrite)")
+    if overwrite:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def summarize(history: list[dict], config: ExperimentConfig) -> dict:
@@ -251,6 +366,8 @@ def summarize(history: list[dict], config: ExperimentConfig) -> dict:
         "train_seconds": sum(h["train_seconds"] for h in history),
         "seconds_per_round": sum(h["train_seconds"] for h in history) / max(len(history), 1),
         "median_seconds_per_round": statistics.median(h["train_seconds"] for h in history) if history else None,
+        "dropped": {h["round"]: h["dropped"] for h in history if h.get("dropped")},  # round -> client -> reason
+        "eval_dropped": {h["round"]: h["eval_dropped"] for h in history if h.get("eval_dropped")},
     }
 
 
@@ -286,7 +403,7 @@ def _plot(history: list[dict], out: Path, label: str) -> None:
 
 def run(config: ExperimentConfig, *, model_fn: Callable[[], nn.Module] | None = None,
         data: FederatedData | None = None, loss_fn: LossFn | None = None, output_dir: str | Path | None = None,
-        resume: bool = False, stop_after: int | None = None) -> RunResult:
+        resume: bool = False, overwrite: bool = False, stop_after: int | None = None) -> RunResult:
     """Runs (or resumes) one experiment: both halves of ``config.algorithm`` simulated in this process.
 
     Args:
@@ -297,35 +414,43 @@ def run(config: ExperimentConfig, *, model_fn: Callable[[], nn.Module] | None = 
         loss_fn: ``loss_fn(logits, targets) -> scalar`` for training and the reported test loss (default:
             cross-entropy); accuracy is the argmax of the logits.
         output_dir: where to write; default ``<config.output_dir>/<UTC time>_<config.name>``.
-        resume: continue from ``output_dir/checkpoint.pt`` if it exists.
+        resume: continue from ``output_dir/checkpoint.pt`` (which must exist); ``rounds`` may be larger than the
+            checkpoint's (extending a finished run) when nothing else that changes the computation differs.
+        overwrite: replace the run in `output_dir` (its files only) instead of refusing to.
         stop_after: stop after this many rounds in total (as if killed there), checkpoint included.
 
     Returns:
         The per-round history, the summary, and the output folder.
+
+    Raises:
+        RunExistsError: `output_dir` holds a run and neither `resume` nor `overwrite` was given.
+        CheckpointError: the checkpoint to resume is missing, malformed, or another experiment's.
     """
     config.validate()
+    if resume and output_dir is None:
+        raise ValueError("resume needs the output folder of the run to continue (output_dir / --output)")
     if config.threads:
         torch.set_num_threads(config.threads)
     fed = federation(config, model_fn=model_fn, data=data, loss_fn=loss_fn)
     config = fed.config
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(output_dir) if output_dir is not None else Path(config.output_dir) / f"{stamp}_{config.name}"
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output(out, resume=resume, overwrite=overwrite)
     checkpoint = out / "checkpoint.pt"
     setup = fed.setup()
 
     history: list[dict] = []
     start = 0
-    if resume and checkpoint.exists():
+    if resume:
         state = load_checkpoint(checkpoint, config, setup)
-        fed.server.load_state_dict(state["server"])
-        if len(state["clients"]) != len(fed.clients):
-            raise CheckpointError(f"checkpoint {checkpoint} holds {len(state['clients'])} clients, the run has "
-                                  f"{len(fed.clients)}")
-        for client, client_state in zip(fed.clients, state["clients"]):
-            client.load_state_dict(client_state)
+        _restore(checkpoint, state, fed)
         history = list(state["history"])
-        start = int(state["round"])
+        start = state["round"]
+        saved_rounds = state["config"].get("rounds")
+        if saved_rounds != config.rounds:
+            _log.info("resuming %s at round %d with rounds=%d (the checkpoint's run had rounds=%s)", out, start,
+                      config.rounds, saved_rounds)
+            config.save(out / "config.yaml")  # the run's folder describes the run it now is
     else:
         config.save(out / "config.yaml")
         versions = {"fedspa": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
@@ -342,9 +467,11 @@ def run(config: ExperimentConfig, *, model_fn: Callable[[], nn.Module] | None = 
             log.write(json.dumps(h) + "\n")
         for t in bar:
             began = time.perf_counter()
-            uploads, profiling = fed.round(t)
-            row = train_row(t, fed.clients[0].learning_rate(t), [u.client for u in uploads], uploads,
+            sampled, uploads, dropped, profiling = fed.round(t)
+            row = train_row(t, fed.clients[0].learning_rate(t), sampled, uploads,
                             time.perf_counter() - began - profiling)
+            if dropped:
+                row["dropped"] = dropped
             if (t + 1) % config.eval_every == 0 or t + 1 == config.rounds:
                 began = time.perf_counter()
                 row.update(fed.evaluate(t))
@@ -359,7 +486,7 @@ def run(config: ExperimentConfig, *, model_fn: Callable[[], nn.Module] | None = 
 
     columns: list[str] = []
     for h in history:  # the union, in first-seen order (rounds without evaluation lack the accuracies)
-        columns += [k for k in h if k not in columns and k not in ("sampled", "acc_per_client")]
+        columns += [k for k in h if k not in columns and k not in ("sampled", "acc_per_client", "dropped", "eval_dropped")]
     with (out / "metrics.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

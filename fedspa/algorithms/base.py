@@ -207,6 +207,29 @@ class ModelFactory:
                 "layout_sha256": hashlib.sha256(layout.encode()).hexdigest()}
 
 
+def check_keys(what: str, state: object, keys: set[str]) -> None:
+    """Raises ValueError unless `state` is a dict with exactly `keys`."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{what} must be a dict, got {type(state).__name__}")
+    if set(state) != keys:
+        raise ValueError(f"{what} must hold {sorted(keys)}, got {sorted(map(str, state))}")
+
+
+def check_tensors(what: str, values: object, shapes: Mapping[str, tuple[int, ...]], *,
+                  dtype: torch.dtype | None = None) -> None:
+    """Raises ValueError unless `values` maps exactly the names of `shapes` to tensors of those shapes (of `dtype`
+    when given; floating ones finite)."""
+    check_keys(what, values, set(shapes))
+    for name, value in values.items():
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(shapes[name]):
+            raise ValueError(f"{what} {name} must be a tensor of shape {tuple(shapes[name])}, got "
+                             f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+        if dtype is not None and value.dtype != dtype:
+            raise ValueError(f"{what} {name} must be {dtype}, got {value.dtype}")
+        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{what} {name} holds a non-finite value")
+
+
 def load_state(model: nn.Module, values: Mapping[str, torch.Tensor]) -> None:
     """Copies state entries (parameters or buffers, by ``state_dict`` name) into `model`, casting as needed
     (integer entries are rounded: they travel as float32)."""
@@ -282,7 +305,12 @@ class Server:
         return {"global": {k: v.detach().clone() for k, v in self.global_model.state_dict().items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores ``state_dict()``'s output, every entry checked first (ValueError naming what is wrong)."""
+        check_keys("server state", state, {"global"} | set(self.extra_state_keys))
+        check_tensors("server state global", state["global"], self.models.shapes)
         load_state(self.global_model, state["global"])
+
+    extra_state_keys: tuple[str, ...] = ()  # the keys a subclass adds to state_dict()
 
 
 class Client:
@@ -455,21 +483,5 @@ def decode_dense(payload: bytes, names: list[str], shapes: Mapping[str, tuple[in
         if payload:
             raise ValueError(f"expected an empty payload, got {len(payload)} bytes")
         return {}
-    entries = comm.decode(payload)
-    if len(entries) != len(names):
-        raise ValueError(f"{len(entries)} tensors in the payload, expected {len(names)}")
-    out = {}
-    for name, entry in zip(names, entries):
-        numel = math.prod(shapes[name])
-        if entry.kind != comm.DENSE or entry.numel != numel or entry.values.numel() != numel:
-            raise ValueError(f"{name} must be sent dense with {numel} values")
-        check_finite(name, entry.values)
-        out[name] = entry.values.to(device)
-    return out
-
-
-def check_finite(name: str, values: torch.Tensor) -> None:
-    """Raises ValueError naming the first non-finite value of an uploaded tensor."""
-    bad = ~torch.isfinite(values)
-    if bool(bad.any()):
-        raise ValueError(f"{name} has a non-finite value at position {int(bad.nonzero()[0])}")
+    entries = comm.decode(payload, expect=[comm.Expect.dense(math.prod(shapes[n])) for n in names])
+    return {name: entry.values.to(device) for name, entry in zip(names, entries)}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import FINETUNE, TrainMetrics, load_state
+from .base import FINETUNE, TrainMetrics, check_tensors, load_state
 from .fedavg import FedAvgClient, FedAvgServer
 from .registry import register
 
@@ -75,11 +75,7 @@ class DittoClient(FedAvgClient):
         if not mine:
             self.personal_model = None
             return
-        if set(mine) != set(self.models.names):
-            raise ValueError(f"client state: the personal model must hold {self.models.names}, got {sorted(mine)}")
-        for name, value in mine.items():
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != self.models.shapes[name]:
-                raise ValueError(f"client state ditto.{name} must be a tensor of shape {self.models.shapes[name]}")
+        check_tensors("client state ditto", mine, self.models.shapes)
         self.personal_model = {n: v.to(self.device, self.models.dtypes[n]) for n, v in mine.items()}
 
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .base import Client, Server, TrainMetrics, Upload, decode_dense, encode_dense, load_state
+from .base import Client, Server, TrainMetrics, Upload, check_tensors, decode_dense, encode_dense, load_state
 from .registry import register
 
 
@@ -101,18 +101,8 @@ class FedAvgClient(SharedEntries, Client):
         return {f"personal.{n}": t.detach().clone() for n, t in self.personal.items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        expected = {f"personal.{n}" for n in self.personal_names}
-        extra = set(state) - expected
-        if extra or not expected <= set(state):
-            raise ValueError(f"client state must hold {sorted(expected)}, got {sorted(state)}")
-        personal = {}
-        for name in self.personal_names:
-            value = state[f"personal.{name}"]
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != self.models.shapes[name]:
-                raise ValueError(f"client state personal.{name} must be a tensor of shape "
-                                 f"{self.models.shapes[name]}")
-            personal[name] = value.to(self.device, self.models.dtypes[name])
-        self.personal = personal
+        check_tensors("client state", state, {f"personal.{n}": self.models.shapes[n] for n in self.personal_names})
+        self.personal = {n: state[f"personal.{n}"].to(self.device, self.models.dtypes[n]) for n in self.personal_names}
 
 
 def last_linear_names(model: nn.Module) -> set[str]:

@@ -43,11 +43,11 @@ import fedspa_kernels as fk
 
 from .. import comm
 from ..config import ExperimentConfig
-from ..masks import client_generator, layer_densities, maskable_parameters, random_masks
+from ..masks import client_generator, layer_densities, maskable_parameters, random_masks, target_nnz
 from ..metrics import flop_counter_mode
 from ..nn import apply_masks, masked_weight_values, why_not_sparse
 from ..schedule import drop_counts, drop_fraction
-from .base import INIT, REGROW, Client, Server, TrainMetrics, Upload, check_finite, load_state
+from .base import INIT, REGROW, Client, Server, TrainMetrics, Upload, check_tensors, load_state
 from .registry import register
 
 log = logging.getLogger("fedspa")
@@ -101,6 +101,21 @@ class SparseLayout:
         self.densities = layer_densities(self.mask_shapes, cfg.density, cfg.mask_init)
         self.wire_names = [n for n in self.models.names if n not in personal]  # what travels, in order
         self.personal_names = [n for n in self.models.names if n in personal]
+        self.targets = target_nnz(self.mask_shapes, self.densities)
+
+    def nnz_range(self, name: str) -> tuple[int, int]:
+        """The least and most active weights a mask of tensor `name` may hold (FedSpa: exactly its target)."""
+        return self.targets[name], self.targets[name]
+
+    def check_masks(self, what: str, masks: object) -> None:
+        """Raises ValueError unless `masks` is one bool mask per masked tensor, each with an allowed nnz."""
+        check_tensors(what, masks, self.mask_shapes, dtype=torch.bool)
+        for name, mask in masks.items():
+            low, high = self.nnz_range(name)
+            nnz = int(mask.count_nonzero())
+            if not low <= nnz <= high:
+                allowed = f"{low}" if low == high else f"between {low} and {high}"
+                raise ValueError(f"{what} {name} has {nnz} active weights, it must have {allowed}")
 
 
 @dataclass
@@ -143,30 +158,19 @@ class FedSpaServer(SparseLayout, Server):
         k = upload.client
         if not 0 <= k < self.num_clients:
             raise ValueError(f"client {k} is not part of this federation of {self.num_clients}")
-        entries = comm.decode(upload.payload)
-        if len(entries) != len(self.wire_names):
-            raise ValueError(f"{len(entries)} tensors in the payload, the model has {len(self.wire_names)}")
+        expect = [comm.Expect.sparse(math.prod(self.models.shapes[n]), self.expected_nnz(k, n))
+                  if n in self.mask_shapes else comm.Expect.dense(math.prod(self.models.shapes[n]))
+                  for n in self.wire_names]
+        entries = comm.decode(upload.payload, expect=expect)  # every header, range, order and value checked
         values, positions, masks = {}, {}, {}
         for name, entry in zip(self.wire_names, entries):
-            numel = math.prod(self.models.shapes[name])
-            if entry.numel != numel:
-                raise ValueError(f"{name} has {entry.numel} elements in the payload, the model {numel}")
             if name in self.mask_shapes:
-                if entry.positions is None:
-                    raise ValueError(f"{name} was sent without positions")
-                expected = self.expected_nnz(k, name)
-                if entry.positions.numel() != expected:
-                    raise ValueError(f"{name} has {entry.positions.numel()} active weights, the client's mask "
-                                     f"{expected}")
                 position = entry.positions.to(self.device)
-                mask = torch.zeros(numel, dtype=torch.bool, device=self.device)
+                mask = torch.zeros(entry.numel, dtype=torch.bool, device=self.device)
                 mask[position] = True
                 mask = mask.reshape(self.mask_shapes[name])
                 self.check_new_mask(k, name, mask)
                 positions[name], masks[name] = position, mask
-            elif entry.kind != comm.DENSE or entry.values.numel() != numel:
-                raise ValueError(f"{name} must be sent dense with {numel} values")
-            check_finite(name, entry.values)
             values[name] = entry.values.to(self.device)
         return Received(k, upload.metrics.samples, values, positions, masks)
 
@@ -226,10 +230,19 @@ class FedSpaServer(SparseLayout, Server):
         return {**super().state_dict(), "masks": [{n: m.clone() for n, m in masks.items()} for masks in self.masks],
                 "server_knows_mask": list(self.server_knows_mask)}
 
+    extra_state_keys = ("masks", "server_knows_mask")
+
     def load_state_dict(self, state: dict) -> None:
+        for key, length in (("masks", self.num_clients), ("server_knows_mask", self.num_clients)):
+            if not isinstance(state.get(key), list) or len(state[key]) != length:
+                raise ValueError(f"server state {key} must be a list of {length} entries (one per client)")
+        for k, masks in enumerate(state["masks"]):
+            self.check_masks(f"server state masks[{k}]", masks)
+        if not all(isinstance(v, bool) for v in state["server_knows_mask"]):
+            raise ValueError("server state server_knows_mask must hold booleans")
         super().load_state_dict(state)
         self.masks = [{n: m.to(self.device) for n, m in masks.items()} for masks in state["masks"]]
-        self.server_knows_mask = [bool(v) for v in state["server_knows_mask"]]
+        self.server_knows_mask = list(state["server_knows_mask"])
 
 
 class FedSpaClient(SparseLayout, Client):
@@ -248,19 +261,15 @@ class FedSpaClient(SparseLayout, Client):
         if self.mask is not None:
             known = [self.mask[n].reshape(-1).nonzero().squeeze(1).cpu() if n in self.mask_shapes else None
                      for n in self.wire_names]
-        entries = comm.decode(downlink, known)
-        if len(entries) != len(self.wire_names):
-            raise ValueError(f"{len(entries)} tensors in the downlink, the model has {len(self.wire_names)}")
+        expect = [comm.Expect(math.prod(self.models.shapes[n]), comm.SPARSE | {comm.VALUES}) if n in self.mask_shapes
+                  else comm.Expect.dense(math.prod(self.models.shapes[n])) for n in self.wire_names]
+        entries = comm.decode(downlink, known, expect=expect)
         model = self.models.make(self.device)
         state = model.state_dict()
         values, mask = {}, dict(self.mask or {})
         for name, entry in zip(self.wire_names, entries):
             target = state[name]
-            if entry.numel != target.numel():
-                raise ValueError(f"{name} has {entry.numel} elements in the downlink, the model {target.numel()}")
             if name in self.mask_shapes:
-                if entry.positions is None:
-                    raise ValueError(f"{name} was sent without positions")
                 position = entry.positions.to(self.device)
                 if entry.kind != comm.VALUES:  # the server tells us our mask
                     flat_mask = torch.zeros(target.numel(), dtype=torch.bool, device=self.device)
@@ -385,13 +394,9 @@ class FedSpaClient(SparseLayout, Client):
         if unknown or set(personal) != set(self.personal_names) or (masks and set(masks) != set(self.mask_shapes)):
             raise ValueError(f"client state must hold mask.<name> for {sorted(self.mask_shapes)} (or none) and "
                              f"personal.<name> for {self.personal_names}; got {sorted(state)}")
-        for name, mask in masks.items():
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
-                    tuple(mask.shape) != self.mask_shapes[name]:
-                raise ValueError(f"client state mask.{name} must be a bool tensor of shape {self.mask_shapes[name]}")
-        for name, value in personal.items():
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != self.models.shapes[name]:
-                raise ValueError(f"client state personal.{name} must be a tensor of shape {self.models.shapes[name]}")
+        if masks:
+            self.check_masks("client state mask", masks)
+        check_tensors("client state personal", personal, {n: self.models.shapes[n] for n in self.personal_names})
         self.mask = {n: m.to(self.device) for n, m in masks.items()} if masks else None
         self.personal = {n: v.to(self.device, self.models.dtypes[n]) for n, v in personal.items()}
 

@@ -11,12 +11,12 @@ accuracy exceeds a threshold; here pruning follows the fixed schedule.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..masks import target_nnz
 from .fedspa import EXECUTIONS, FedSpaClient, FedSpaServer, sparse_summary
 from .registry import register
 
@@ -36,11 +36,13 @@ def pruned_nnz(nnz: int, target: int, rate: float) -> int:
     return nnz - drop if drop > 0 else nnz
 
 
-class SubFedAvgServer(FedSpaServer):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.targets = target_nnz(self.mask_shapes, self.densities)
+class SubFedAvgNnz:
+    def nnz_range(self, name: str) -> tuple[int, int]:
+        # masks start dense and are pruned towards the target, never below it
+        return self.targets[name], math.prod(self.mask_shapes[name])
 
+
+class SubFedAvgServer(SubFedAvgNnz, FedSpaServer):
     def initial_masks(self, client: int) -> dict[str, torch.Tensor]:
         return {n: torch.ones(s, dtype=torch.bool, device=self.device) for n, s in self.mask_shapes.items()}
 
@@ -52,11 +54,7 @@ class SubFedAvgServer(FedSpaServer):
             raise ValueError(f"{name}: Sub-FedAvg only prunes, but the new mask holds positions the old one did not")
 
 
-class SubFedAvgClient(FedSpaClient):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.targets = target_nnz(self.mask_shapes, self.densities)
-
+class SubFedAvgClient(SubFedAvgNnz, FedSpaClient):
     def update_masks(self, model: nn.Module, weights: dict[str, torch.Tensor],
                      round_index: int) -> tuple[dict[str, torch.Tensor], float]:
         rate = self.config.sub_fedavg.prune_rate

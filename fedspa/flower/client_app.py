@@ -7,8 +7,9 @@ clients' samples are never kept), and keeps the half's state (its mask, its pers
 ``context.state`` between rounds. What it computes is exactly what client k computes in ``fedspa.train``.
 
 Fault injection for tests (node config): ``fault`` = ``crash`` (the process exits), ``nan``, ``bad-index`` or
-``truncate`` (a malformed upload), ``metrics-missing`` (no ``flops``) or ``metrics-nan`` (a NaN loss), in round
-``fault-round`` (1-based, default 2).
+``truncate`` (a malformed upload), ``metrics-missing`` (no ``flops``), ``metrics-nan`` (a NaN loss) or
+``eval-metrics-missing`` (an evaluation without ``correct`` and ``total``), in round ``fault-round`` (1-based,
+default 2).
 """
 
 from __future__ import annotations
@@ -89,18 +90,16 @@ def _inject_fault(context: Context, round_index: int, payload: bytes) -> bytes:
         os._exit(17)
     if fault == "truncate":
         return payload[: len(payload) // 2]
-    data = bytearray(payload)
-    header = struct.calcsize("<HBII")
-    offset = 8
-    tensor_id, kind, numel, count = struct.unpack_from("<HBII", data, offset)
-    if fault == "bad-index":  # the first tensor's first position, out of range (INDICES or a bitmap's length)
-        if kind == comm.INDICES:
-            struct.pack_into("<i", data, offset + header, numel + 5)
-        else:
-            struct.pack_into("<HBII", data, offset, tensor_id, comm.INDICES, numel, count)
-            struct.pack_into("<i", data, offset + header, numel + 5)
-        return bytes(data)
+    if fault == "bad-index":  # the first sparse tensor's last position, past its end (sizes all consistent)
+        entries = comm.decode(payload)
+        first = next(i for i, e in enumerate(entries) if e.positions is not None)
+        entry = entries[first]
+        positions = entry.positions.clone()
+        positions[-1] = entry.numel + 5
+        entries[first] = comm.Entry(comm.INDICES, entry.numel, positions, entry.values)
+        return comm.encode_entries(entries)
     if fault == "nan":  # the last 4 bytes are the last tensor's last value
+        data = bytearray(payload)
         struct.pack_into("<f", data, len(data) - 4, float("nan"))
         return bytes(data)
     raise ValueError(f"unknown fault {fault!r}")
@@ -127,7 +126,10 @@ def evaluate(message: Message, context: Context) -> Message:
     payload = from_array_record(message.content.array_records.get("arrays"))
     metrics = client.evaluate(payload, int(message.content["config"]["round"]))
     context.state.array_records[STATE] = state_to_record(client.state_dict())
-    return Message(RecordDict({"metrics": MetricRecord({"client": k, **metrics.to_record()})}), reply_to=message)
+    record = {"client": k, **metrics.to_record()}
+    if _fault(context, int(message.content["config"]["round"])) == "eval-metrics-missing":
+        record = {key: v for key, v in record.items() if key not in ("correct", "total")}
+    return Message(RecordDict({"metrics": MetricRecord(record)}), reply_to=message)
 
 
 @app.query()

@@ -41,7 +41,6 @@ def run_strategy(grid: Grid, config: ExperimentConfig, out: Path, round_timeout:
         for row in strategy.history:
             f.write(json.dumps(row) + "\n")
     summary = summarize(strategy.history, config)
-    summary["dropped"] = {row["round"]: row["dropped"] for row in strategy.history if row["dropped"]}
     partial = out / "summary.json.partial"  # renamed when complete: the launcher polls for summary.json
     partial.write_text(json.dumps(summary, indent=2))
     partial.replace(out / "summary.json")

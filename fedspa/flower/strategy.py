@@ -122,7 +122,7 @@ class FederatedStrategy(Strategy):
                 upload = Upload(k, payload, TrainMetrics.from_record(reply.content["metrics"]), bytes_down)
                 received.append((k, self.server.receive(upload)))
                 uploads.append(upload)
-            except (ValueError, KeyError, TypeError) as exc:
+            except Exception as exc:  # noqa: BLE001  (whatever is wrong with a reply drops that client only)
                 self._drop(server_round, k, f"malformed upload: {exc}")
         for node, (k, _) in self._pending.items():
             if node not in answered:
@@ -166,8 +166,10 @@ class FederatedStrategy(Strategy):
             k = self._eval_pending[reply.metadata.src_node_id]
             try:
                 results[k] = EvalMetrics.from_record(reply.content["metrics"])
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("round %d: client %d's evaluation is malformed (%s)", server_round, k, exc)
+            except Exception as exc:  # noqa: BLE001  (left out of the round's accuracy, with the reason)
+                reason = f"malformed evaluation: {type(exc).__name__}: {exc}"
+                self._row.setdefault("eval_dropped", {})[str(k)] = reason
+                log.warning("round %d: client %d's evaluation left out (%s)", server_round, k, reason)
         self._row.update(evaluation_row(results))
         self._eval_pending = {}
         self._finish_round()

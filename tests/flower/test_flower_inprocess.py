@@ -137,3 +137,14 @@ def test_bad_metrics_drop_the_client_not_the_server(tmp_path):
     assert first["sampled"] == [2, 3] and first["aggregated"] == []
     assert "'flops' is missing" in first["dropped"]["2"] and "'loss' must be finite" in first["dropped"]["3"]
     assert math.isfinite(first["acc_pooled"])
+
+
+def test_an_evaluation_without_correct_or_total_is_left_out_not_a_crash(tmp_path):
+    """A reply to evaluate that lacks its counts is left out of the round's accuracy, with the reason recorded."""
+    grid = LocalGrid(4, node_config={1: {"fault": "eval-metrics-missing", "fault-round": 1}})
+    strategy = run_strategy(grid, _config("rounds=1"), tmp_path, 60)
+    first = strategy.history[0]
+    assert "'correct' is missing" in first["eval_dropped"]["1"]
+    assert math.isnan(first["acc_per_client"][1]) and math.isfinite(first["acc_pooled"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "'correct' is missing" in summary["eval_dropped"]["1"]["1"]
