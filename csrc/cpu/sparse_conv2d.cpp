@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -163,7 +164,7 @@ __attribute__((target("avx2,fma"))) void forward_position_all_avx2(const std::ve
 }
 
 void forward_avx2(const std::vector<Tap<float>>& taps, const float* in, float* out, const Geometry& g, int64_t o,
-                  int64_t n0, int64_t n1) {
+                  int64_t n0, int64_t n1, int64_t oy_begin, int64_t oy_end) {
   // Output rows/columns whose every tap lands inside the input need no bounds checks.
   const auto inside = [](int64_t pad, int64_t size, int64_t k, int64_t d, int64_t s, int64_t out_size,
                          int64_t& lo, int64_t& hi) {
@@ -174,7 +175,7 @@ void forward_avx2(const std::vector<Tap<float>>& taps, const float* in, float* o
   int64_t ylo, yhi, xlo, xhi;
   inside(g.ph, g.H, g.kh, g.dh, g.sh, g.OH, ylo, yhi);
   inside(g.pw, g.W, g.kw, g.dw, g.sw, g.OW, xlo, xhi);
-  for (int64_t oy = 0; oy < g.OH; ++oy) {
+  for (int64_t oy = oy_begin; oy < oy_end; ++oy) {
     const bool row_inside = oy >= ylo && oy <= yhi;
     for (int64_t ox = 0; ox < g.OW; ++ox) {
       float* dst = out + ((o * g.OH + oy) * g.OW + ox) * g.N;
@@ -192,9 +193,65 @@ void forward_avx2(const std::vector<Tap<float>>& taps, const float* in, float* o
 
 // Batch blocks of 64 (the widest register accumulator) so that small layers still split across threads.
 constexpr int64_t kBatchBlock = 64;
+// What a task's reads should fit in (a core's L2, with room for the output it writes).
+constexpr int64_t kTileBytes = 512 * 1024;
+// Tiles pay only when the operand read (per batch block) is far beyond the caches; below this, the channel-outermost
+// order is as fast or faster (measured on ResNet-18's and the default CNN's layers: tiling helps 1.1-3.4x on 8 MB
+// operands and costs up to 1.3x on 2 MB ones).
+constexpr int64_t kTileAbove = 4 * 1024 * 1024;
+
+bool worth_tiling(int64_t planes, int64_t rows, int64_t cols, int64_t width, int64_t elem_bytes) {
+  return planes * rows * cols * width * elem_bytes > kTileAbove;
+}
+
+// Rows per spatial tile: a tile of `rows` output rows reads (rows - 1) * stride + span input rows of every one of
+// `planes` channels; as many rows as keep that under kTileBytes, at least one, and enough tiles for the threads.
+int64_t tile_rows(int64_t planes, int64_t row_elems, int64_t width, int64_t stride, int64_t span, int64_t out_rows,
+                  int64_t batch_blocks, int64_t elem_bytes) {
+  const int64_t per_row = std::max<int64_t>(1, planes * row_elems * width * elem_bytes);
+  int64_t rows = (kTileBytes / per_row - span) / stride + 1;
+  rows = std::clamp<int64_t>(rows, 1, out_rows);
+  const int64_t want = 4 * at::get_num_threads();
+  while (rows > 1 && ((out_rows + rows - 1) / rows) * batch_blocks < want) rows = (rows + 1) / 2;
+  return rows;
+}
+
+#if defined(FEDSPA_X86_DISPATCH)
+// Output-row tiles outermost, every output channel inside: the input rows a tile reads stay in L2 while all output
+// channels' nonzeros stream over them (channel-outermost order re-reads the whole input from memory per channel).
+void forward_tiled_avx2(const float* values, const int64_t* crow, const int32_t* col, const float* in, float* out,
+                        const Geometry& g) {
+  std::vector<std::vector<Tap<float>>> taps(g.O);
+  at::parallel_for(0, g.O, 16, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) decode_row(values, crow, col, o, g, taps[o]);
+  });
+  const int64_t blocks = (g.N + kBatchBlock - 1) / kBatchBlock;
+  const int64_t width = std::min(g.N, kBatchBlock);
+  const int64_t rows = tile_rows(g.C, g.W, width, g.sh, (g.kh - 1) * g.dh + 1, g.OH, blocks, sizeof(float));
+  const int64_t tiles = (g.OH + rows - 1) / rows;
+  // tasks in (tile, batch block, output channel) order: a thread's contiguous share walks a tile's channels
+  at::parallel_for(0, tiles * blocks * g.O, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t o = task % g.O;
+      const int64_t oy0 = (task / (g.O * blocks)) * rows;
+      const int64_t n0 = ((task / g.O) % blocks) * kBatchBlock;
+      const int64_t n1 = std::min(g.N, n0 + kBatchBlock);
+      forward_avx2(taps[o], in, out, g, o, n0, n1, oy0, std::min(g.OH, oy0 + rows));
+    }
+  });
+}
+#endif
 
 template <typename T>
 void forward_impl(const T* values, const int64_t* crow, const int32_t* col, const T* in, T* out, const Geometry& g) {
+#if defined(FEDSPA_X86_DISPATCH)
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx2_fma() && worth_tiling(g.C, g.H, g.W, std::min(g.N, kBatchBlock), sizeof(float))) {
+      forward_tiled_avx2(values, crow, col, in, out, g);
+      return;
+    }
+  }
+#endif
   const int64_t blocks = (g.N + kBatchBlock - 1) / kBatchBlock;
   at::parallel_for(0, g.O * blocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<Tap<T>> taps;
@@ -210,7 +267,7 @@ void forward_impl(const T* values, const int64_t* crow, const int32_t* col, cons
 #if defined(FEDSPA_X86_DISPATCH)
       if constexpr (std::is_same_v<T, float>) {
         if (cpu_has_avx2_fma()) {
-          forward_avx2(taps, in, out, g, o, n0, n1);
+          forward_avx2(taps, in, out, g, o, n0, n1, 0, g.OH);
           continue;
         }
       }
@@ -264,8 +321,9 @@ void input_grad_impl(const T* values_t, const int64_t* tcrow, const int32_t* tco
 template <int V>
 __attribute__((target("avx2,fma"))) void input_grad_block_avx2(const float* values_t, const int64_t* tcrow,
                                                                const int32_t* tcol, const float* gout, float* gin,
-                                                               const Geometry& g, int64_t c, int64_t n0) {
-  for (int64_t iy = 0; iy < g.H; ++iy) {
+                                                               const Geometry& g, int64_t c, int64_t n0,
+                                                               int64_t iy_begin, int64_t iy_end) {
+  for (int64_t iy = iy_begin; iy < iy_end; ++iy) {
     for (int64_t ix = 0; ix < g.W; ++ix) {
       Acc8<V> acc;
       acc.zero();
@@ -295,25 +353,36 @@ void input_grad_dispatch(const T* values_t, const int64_t* tcrow, const int32_t*
 #if defined(FEDSPA_X86_DISPATCH)
   if constexpr (std::is_same_v<T, float>) {
     if (cpu_has_avx2_fma() && g.N % 8 == 0) {
+      // input-row tiles outermost, every input channel inside: the grad_output rows a tile reads stay in L2
       const int64_t blocks = (g.N + kBatchBlock - 1) / kBatchBlock;
-      at::parallel_for(0, g.C * blocks, 1, [&](int64_t t0, int64_t t1) {
+      const int64_t width = std::min(g.N, kBatchBlock);
+      const int64_t span = ((g.kh - 1) * g.dh) / g.sh + 1;  // output rows one input row reads
+      // small grad_outputs: one tile (every input row), the channel-outermost order
+      const int64_t rows = worth_tiling(g.O, g.OH, g.OW, width, sizeof(float))
+                               ? tile_rows(g.O, g.OW, width, 1, span, g.H, blocks, sizeof(float)) : g.H;
+      const int64_t tiles = (g.H + rows - 1) / rows;
+      // tasks in (tile, batch block, channel) order: a thread's contiguous share walks a tile's channels
+      at::parallel_for(0, tiles * blocks * g.C, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t task = t0; task < t1; ++task) {
-          const int64_t c = task / blocks;
-          const int64_t n0 = (task % blocks) * kBatchBlock;
-          switch (std::min(g.N - n0, kBatchBlock) / 8) {
-            case 8: input_grad_block_avx2<8>(values_t, tcrow, tcol, gout, gin, g, c, n0); break;
-            case 7: case 6: case 5: case 4: {
-              input_grad_block_avx2<4>(values_t, tcrow, tcol, gout, gin, g, c, n0);
-              const int64_t rest = std::min(g.N - n0, kBatchBlock) - 32;
-              if (rest >= 16) input_grad_block_avx2<2>(values_t, tcrow, tcol, gout, gin, g, c, n0 + 32);
-              if (rest % 16 == 8) input_grad_block_avx2<1>(values_t, tcrow, tcol, gout, gin, g, c, n0 + 32 + rest / 16 * 16);
-              break;
+          const int64_t c = task % g.C;
+          const int64_t iy0 = (task / (g.C * blocks)) * rows;
+          const int64_t iy1 = std::min(g.H, iy0 + rows);
+          const int64_t n0 = ((task / g.C) % blocks) * kBatchBlock;
+          const int64_t here = std::min(g.N - n0, kBatchBlock);
+          {
+            int64_t n = n0;
+            const auto run = [&](auto vectors) {
+              constexpr int V = decltype(vectors)::value;
+              input_grad_block_avx2<V>(values_t, tcrow, tcol, gout, gin, g, c, n, iy0, iy1);
+              n += 8 * V;
+            };
+            if (here == 64) {
+              run(std::integral_constant<int, 8>{});
+              continue;
             }
-            case 3: case 2:
-              input_grad_block_avx2<2>(values_t, tcrow, tcol, gout, gin, g, c, n0);
-              if ((std::min(g.N - n0, kBatchBlock) / 8) == 3) input_grad_block_avx2<1>(values_t, tcrow, tcol, gout, gin, g, c, n0 + 16);
-              break;
-            default: input_grad_block_avx2<1>(values_t, tcrow, tcol, gout, gin, g, c, n0); break;
+            if (n + 32 <= n0 + here) run(std::integral_constant<int, 4>{});
+            if (n + 16 <= n0 + here) run(std::integral_constant<int, 2>{});
+            if (n + 8 <= n0 + here) run(std::integral_constant<int, 1>{});
           }
         }
       });
@@ -500,7 +569,7 @@ at::Tensor sparse_conv2d_weight_grad_cpu(const at::Tensor& grad_out_t, const at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fedspa, CPU, m) {
+TORCH_LIBRARY_IMPL(FEDSPA_NAMESPACE, CPU, m) {
   m.impl("sparse_conv2d", &sparse_conv2d_cpu);
   m.impl("sparse_conv2d_input_grad", &sparse_conv2d_input_grad_cpu);
   m.impl("sparse_conv2d_weight_grad", &sparse_conv2d_weight_grad_cpu);

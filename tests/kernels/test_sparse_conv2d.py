@@ -264,3 +264,33 @@ def test_nan_input_reaches_exactly_the_outputs_whose_taps_read_it(backend, devic
     assert torch.equal(torch.isnan(out[0]), expected)
     reference = fk.sparse_conv2d(x.cpu(), S.to("cpu"), 3, padding=1, backend="reference")
     torch.testing.assert_close(out, reference, equal_nan=True, rtol=2e-5, atol=2e-5)
+
+
+# operands beyond the CPU kernels' 4 MB tiling threshold: (in_c, out_c, (H, W), kernel, stride, padding, dilation, N)
+LARGE = [
+    (16, 24, (45, 37), (3, 3), (1, 1), (1, 1), (1, 1), 72),  # two batch blocks, the second 8 wide
+    (20, 16, (40, 40), (3, 3), (2, 2), (1, 1), (1, 1), 64),  # stride 2
+    (24, 80, (33, 33), (1, 1), (2, 2), (0, 0), (1, 1), 48),  # a 1x1 downsample, both operands above it
+    (20, 16, (36, 38), (5, 3), (1, 2), (2, 0), (2, 1), 40),  # dilation, uneven stride and padding
+]
+
+
+@pytest.mark.parametrize("geometry", LARGE, ids=lambda g: "x".join(map(str, g[2] + g[3] + g[4] + (g[7],))))
+@pytest.mark.parametrize("backend,device", [p for p in PARAMS if p.values[0] == "cpp"])
+def test_spatially_tiled_cpu_kernels_match_the_references(backend, device, geometry):
+    """Large activations take the row-tiled CPU paths (forward and input gradient); they must agree with the
+    references exactly like the small ones, tails of batch and rows included."""
+    in_c, out_c, hw, kernel, stride, padding, dilation, batch = geometry
+    S = _sparse_weight(out_c, in_c, list(kernel), 0.2, torch.float32, device)
+    geo = (list(kernel), list(stride), list(padding), list(dilation))
+    x_t = torch.randn(in_c, *hw, batch, device=device)
+    forward, input_grad = OPS["forward"], OPS["input_grad"]
+    ref = forward.kernel("reference")(S.values, S.crow_indices, S.col_indices, x_t, *geo)
+    poison_allocator(ref.numel(), torch.float32, device)
+    _close(forward.kernel(backend)(S.values, S.crow_indices, S.col_indices, x_t, *geo), ref, 2e-5)
+    grad_out_t = torch.randn_like(ref)
+    values_t = S.values[S.perm_t]
+    ref_i = input_grad.kernel("reference")(values_t, S.ccol_indices, S.row_indices_t, grad_out_t, list(hw), *geo)
+    poison_allocator(ref_i.numel(), torch.float32, device)
+    _close(input_grad.kernel(backend)(values_t, S.ccol_indices, S.row_indices_t, grad_out_t, list(hw), *geo), ref_i,
+           2e-5)
