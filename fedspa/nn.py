@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import nn
@@ -353,13 +353,15 @@ def mask_in_forward(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.M
 
 
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], *, sparse: bool = True,
-                sparse_max_density: float = 1.0, backend: str | None = None) -> dict[str, str]:
+                sparse_max_density: float = 1.0, sparse_names: Collection[str] | None = None,
+                backend: str | None = None) -> dict[str, str]:
     """In place: runs every masked weight (parameter name -> bool mask) the cheapest correct way.
 
     A weight becomes ``"sparse"`` (its Linear/Conv2d replaced by SparseLinear/SparseConv2d) when `sparse` is set,
-    a sparse layer exists for it (:func:`sparse_layer_for`) and its density is at most `sparse_max_density`;
-    ``"dense"`` when its mask is all ones (nothing to mask); ``"masked"`` (dense weight times the mask in the
-    forward) otherwise.
+    a sparse layer exists for it (:func:`sparse_layer_for`) and either its name is in `sparse_names` (when given:
+    e.g. the layers measured faster sparse, :mod:`fedspa.execution`) or, without `sparse_names`, its density is
+    at most `sparse_max_density`; ``"dense"`` when its mask is all ones (nothing to mask); ``"masked"`` (dense
+    weight times the mask in the forward) otherwise.
 
     Returns:
         Parameter name -> "sparse" | "dense" | "masked".
@@ -372,7 +374,8 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], *, sparse: 
         if bool(mask.all()):
             plan[name] = "dense"
         elif (sparse and attr == "weight" and sparse_layer_for(module) is not None
-              and int(mask.count_nonzero()) <= sparse_max_density * mask.numel()):
+              and (name in sparse_names if sparse_names is not None
+                   else int(mask.count_nonzero()) <= sparse_max_density * mask.numel())):
             plan[name] = "sparse"
             layers[name.rpartition(".")[0]] = mask
         else:

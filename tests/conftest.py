@@ -9,6 +9,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+if "FEDSPA_CACHE_DIR" not in os.environ:  # the measured layer choices of this session, not the user's cache
+    import tempfile
+
+    os.environ["FEDSPA_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedspa-test-cache-")
+
 import fedspa_kernels  # noqa: E402,F401  (loads the extension after TRITON_INTERPRET is set)
 
 

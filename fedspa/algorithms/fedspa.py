@@ -43,9 +43,10 @@ import fedspa_kernels as fk
 
 from .. import comm
 from ..config import ExperimentConfig
+from ..execution import fastest_sparse, layer_inputs
 from ..masks import client_generator, layer_densities, maskable_parameters, random_masks, target_nnz
 from ..metrics import flop_counter_mode
-from ..nn import apply_masks, masked_weight_values, why_not_sparse
+from ..nn import apply_masks, masked_weight_values, sparse_layer_for, why_not_sparse
 from ..schedule import drop_counts, drop_fraction
 from .base import INIT, REGROW, Client, Server, TrainMetrics, Upload, check_tensors, load_state
 from .registry import register
@@ -57,6 +58,7 @@ REGROWTHS = ("random", "gradient")
 AGGREGATIONS = ("holders", "mean")
 REGROWN_INITS = ("zero", "global")
 EXECUTIONS = ("sparse", "dense_masked")
+SPARSE_POLICIES = ("fastest", "memory")
 
 
 @dataclass
@@ -72,13 +74,17 @@ class FedSpaConfig:
     aggregation: str = "holders"
     weighted_aggregation: bool = False  # weight clients by their data size
     execution: str = "sparse"  # dense_masked: dense weights x mask, the comparison most FL code runs
-    sparse_max_density: float = 0.5  # sparse execution: denser layers run as dense weights x mask (break-even)
+    # sparse execution, which layers run sparse: fastest = the faster way, measured per layer case and cached
+    # (fedspa.execution); memory = every layer at most sparse_max_density dense (the leanest, not always faster)
+    sparse_policy: str = "fastest"
+    sparse_max_density: float = 0.5  # the memory policy's threshold
 
     def validate(self) -> None:
         for name, value, allowed in (("mask_init", self.mask_init, MASK_INITS), ("regrowth", self.regrowth, REGROWTHS),
                                      ("aggregation", self.aggregation, AGGREGATIONS),
                                      ("regrown_init", self.regrown_init, REGROWN_INITS),
-                                     ("execution", self.execution, EXECUTIONS)):
+                                     ("execution", self.execution, EXECUTIONS),
+                                     ("sparse_policy", self.sparse_policy, SPARSE_POLICIES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
         if not 0.0 < self.density <= 1.0:
@@ -252,6 +258,8 @@ class FedSpaClient(SparseLayout, Client):
         self.mask: dict[str, torch.Tensor] | None = None  # learnt from the first downlink
         self.personal = {n: t.to(self.device) for n, t in self.models.initial_state(self.personal_names).items()}
         self._sparse_runs: bool | None = None  # does this model run with sparse layers? (probed once)
+        self._layer_inputs: dict[str, tuple[tuple[int, ...], bool]] | None = None  # for the fastest policy
+        self._sparse_evaluates: bool | None = None  # does it also run with sparse layers in eval mode? (probed once)
 
     # ---------------------------------------------------------------------------------------------- pieces
     def received_model(self, downlink: bytes) -> nn.Module:
@@ -293,12 +301,24 @@ class FedSpaClient(SparseLayout, Client):
         load_state(dense, {**{n: state[n] for n in self.models.names if n not in weights}, **weights})
         return dense
 
+    def _fastest(self, model: nn.Module) -> set[str]:
+        """The masked weights measured faster as sparse layers than as dense weights x mask (fedspa.execution)."""
+        if self._layer_inputs is None:  # the activation shapes do not change between rounds: probed once
+            names = [n.rpartition(".")[0] for n in self.mask_shapes]
+            self._layer_inputs = layer_inputs(model, names, self.data.train_x[: self.config.batch_size])
+        timings = fastest_sparse(model, self.mask, self.data.train_x[:1], inputs=self._layer_inputs)
+        _log_once("fedspa: layer execution measured (sparse vs dense x mask, ms per training step): " + ", ".join(
+            f"{n} {t.choice} ({t.sparse_ms:.3g} vs {t.masked_ms:.3g})" for n, t in timings.items()), logging.INFO)
+        return {n for n, t in timings.items() if t.choice == "sparse"}
+
     def _execute(self, model: nn.Module) -> nn.Module:
         """`model` made ready to train at this client's mask, in place: sparse layers where they pay and work,
         dense weights x mask for the other masked weights."""
         cfg = self.config.fedspa
         sparse = cfg.execution == "sparse" and self._sparse_runs is not False
-        plan = apply_masks(model, self.mask, sparse=sparse, sparse_max_density=cfg.sparse_max_density)
+        chosen = self._fastest(model) if sparse and cfg.sparse_policy == "fastest" else None
+        plan = apply_masks(model, self.mask, sparse=sparse, sparse_max_density=cfg.sparse_max_density,
+                           sparse_names=chosen)
         if sparse and self._sparse_runs is None and "sparse" in plan.values():
             self._sparse_runs = self._probe(model)
             if not self._sparse_runs:
@@ -378,7 +398,25 @@ class FedSpaClient(SparseLayout, Client):
         return payload, metrics
 
     def evaluation_model(self, downlink: bytes, round_index: int) -> nn.Module:
-        return self.received_model(downlink)  # w * m_k, dense
+        """w * m_k; with sparse execution on the layers it trains on (the same plan, from the same measurements),
+        unless the model's eval-mode code does not run with them (e.g. a TransformerEncoderLayer's fast path reads
+        its Linear weights itself): then dense, as the one-time probe found."""
+        model = self.received_model(downlink)
+        if self.config.fedspa.execution != "sparse" or self._sparse_evaluates is False:
+            return model
+        if self._sparse_evaluates:
+            return self._execute(model)
+        executed = self._execute(copy.deepcopy(model))
+        try:
+            with torch.no_grad():
+                executed.eval()(self.data.test_x[:2])
+            self._sparse_evaluates = True
+            return executed
+        except Exception as exc:  # noqa: BLE001  (whatever the user's model raises in eval mode)
+            self._sparse_evaluates = False
+            _log_once(f"fedspa: {type(self.models.template).__name__} does not evaluate with sparse layers "
+                      f"({type(exc).__name__}: {exc}); it is evaluated as dense weights x mask", logging.INFO)
+            return model
 
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -404,10 +442,10 @@ class FedSpaClient(SparseLayout, Client):
 _LOGGED: set[str] = set()
 
 
-def _log_once(message: str) -> None:
+def _log_once(message: str, level: int = logging.WARNING) -> None:
     if message not in _LOGGED:
         _LOGGED.add(message)
-        log.warning(message)
+        log.log(level, message)
 
 
 def _report_masked_without_kernel(template: nn.Module, plan: dict[str, str], masks: dict[str, torch.Tensor],
@@ -418,6 +456,8 @@ def _report_masked_without_kernel(template: nn.Module, plan: dict[str, str], mas
         if how == "masked" and int(masks[name].count_nonzero()) <= sparse_max_density * masks[name].numel():
             module_name, _, attr = name.rpartition(".")
             module = template.get_submodule(module_name) if module_name else template
+            if attr == "weight" and sparse_layer_for(module) is not None:
+                continue  # it has a sparse layer: it runs dense x mask because that was measured faster
             missing.append(f"{name} ({why_not_sparse(module, attr)})")
     if missing:
         _log_once(f"fedspa: no sparse kernel for {', '.join(missing)}: "

@@ -17,7 +17,7 @@ from fedspa.train import federation, run
 
 DIGITS = ["data.dataset=digits", "data.samples_per_client=250", "data.alpha=0.5", "clients=4", "client_fraction=1.0",
           "rounds=6", "local_epochs=3", "batch_size=25", "measure_memory=false", "progress=false",
-          "fedspa.density=0.3", "sub_fedavg.prune_rate=0.2"]
+          "fedspa.density=0.3", "sub_fedavg.prune_rate=0.2", "fedspa.sparse_policy=memory"]
 
 
 class BatchNormCNN(nn.Module):
@@ -140,7 +140,7 @@ def test_apply_masks_picks_sparse_layers_only_where_they_exist():
 def _fedspa(model_fn, data, tmp_path, *overrides):
     config = ExperimentConfig.load(None, ["algorithm=fedspa", "rounds=8", "client_fraction=1.0", "local_epochs=3",
                                           "batch_size=20", "fedspa.density=0.3", "progress=false",
-                                          "measure_memory=false", *overrides])
+                                          "measure_memory=false", "fedspa.sparse_policy=memory", *overrides])
     result = run(config, model_fn=model_fn, data=data, output_dir=tmp_path)
     _check_masks(result, federation(config, model_fn=model_fn, data=data))
     return result
@@ -157,7 +157,8 @@ def _check_masks(result, fed):
     fed.server.load_state_dict(state["server"])
     for k, client in enumerate(fed.clients):
         client.load_state_dict(state["clients"][k])
-        params = dict(client.evaluation_model(fed.server.evaluation_downlink(k, 0), 0).named_parameters())
+        model = client.evaluation_model(fed.server.evaluation_downlink(k, 0), 0)
+        params = masked_weight_values(model, list(client.mask))  # however each weight runs (sparse or dense)
         for name, mask in client.mask.items():
             assert torch.all(params[name][~mask] == 0) and params[name][mask].abs().sum() > 0
 

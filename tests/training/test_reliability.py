@@ -224,8 +224,8 @@ def test_a_refused_upload_leaves_the_server_state_unchanged_and_the_round_comple
 # Fuzzing the decoder and the server's upload path
 # ------------------------------------------------------------------------------------------------------------------
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -335,9 +335,9 @@ def test_the_largest_seed_runs(tmp_path):
     ("rounds: !!python/object/apply:os.system ['touch /tmp/fedspa-yaml-ran']\n", "is not valid YAML"),
     ("- 1\n- 2\n", "must hold a mapping"),
     ("1: 2\n", "keys must be strings"),
-    ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
-     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
-     "rounds: [*d, *d, *d, *d, *d, *d, *d, *d, *d]\n", "unknown config key"),  # an alias bomb: never expanded
+    (("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+      "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+      "rounds: [*d, *d, *d, *d, *d, *d, *d, *d, *d]\n"), "unknown config key"),  # an alias bomb: never expanded
 ])
 def test_a_bad_config_file_is_one_clean_line(text, message, tmp_path, capsys):
     path = tmp_path / "bad.yaml"

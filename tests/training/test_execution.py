@@ -1,0 +1,152 @@
+"""Measured layer execution: each masked layer runs the way that was timed faster, once per case, cached on disk."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from fedspa import execution
+from fedspa.config import ExperimentConfig
+from fedspa.execution import Timing, TimingCache, fastest_sparse, layer_case, layer_inputs, time_layer
+from fedspa.nn import SparseConv2d, SparseLinear, WeightMask, apply_masks
+from fedspa.train import federation
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 16), nn.ReLU(),
+                         nn.Linear(16, 10))
+
+
+def _masks(model, density=0.3):
+    g = torch.Generator().manual_seed(1)
+    return {n: torch.rand(p.shape, generator=g) < density for n, p in model.named_parameters() if p.dim() >= 2}
+
+
+def test_time_layer_measures_both_ways_for_linear_and_conv():
+    for module, shape in ((nn.Linear(64, 32), (8, 64)), (nn.Conv2d(3, 8, 3, padding=1), (2, 3, 10, 10))):
+        mask = torch.rand(module.weight.shape) < 0.2
+        timing = time_layer(module, mask, shape, input_grad=True, repeats=2)
+        assert timing.sparse_ms > 0 and timing.masked_ms > 0
+        assert timing.choice in ("sparse", "masked")
+        assert module.weight.grad is None  # the layer itself is left alone
+
+
+def test_layer_inputs_record_shapes_and_which_inputs_need_a_gradient():
+    model = _net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = layer_inputs(model, ["0", "3", "5"], torch.randn(5, 1, 8, 8))
+    assert seen == {"0": ((5, 1, 8, 8), False), "3": ((5, 256), True), "5": ((5, 16), True)}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_cache_measures_a_case_once_and_shares_it_through_the_file(tmp_path):
+    path = tmp_path / "timings.json"
+    module, mask = nn.Linear(10, 5), torch.rand(5, 10) < 0.5
+    case = layer_case(module, mask, (4, 10), True)
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return Timing(1.0, 2.0)
+
+    assert TimingCache(path).get(case, measure).choice == "sparse"
+    assert TimingCache(path).get(case, measure) == Timing(1.0, 2.0)  # another process: read from the file
+    assert len(calls) == 1
+    other = layer_case(module, mask, (8, 10), True)  # another batch is another case
+    TimingCache(path).get(other, lambda: Timing(3.0, 1.0))
+    assert len(json.loads(path.read_text())["entries"]) == 2
+
+
+@pytest.mark.parametrize("content", ["not json", json.dumps({"version": 99, "entries": {}}),
+                                     json.dumps({"version": 1, "entries": {"k": {"sparse_ms": "nan", "masked_ms": 1}}}),
+                                     json.dumps({"version": 1, "entries": {"k": {"sparse_ms": 1}}}),
+                                     json.dumps([1, 2])])
+def test_a_malformed_cache_file_is_ignored_and_rebuilt(content, tmp_path, caplog):
+    path = tmp_path / "timings.json"
+    path.write_text(content)
+    case = layer_case(nn.Linear(3, 2), torch.ones(2, 3, dtype=torch.bool), (1, 3), False)
+    with caplog.at_level(logging.WARNING, logger="fedspa"):
+        assert TimingCache(path).get(case, lambda: Timing(2.0, 1.0)).choice == "masked"
+    assert "ignoring the layer timing cache" in caplog.text
+    assert json.loads(path.read_text())["version"] == execution.CACHE_VERSION
+
+
+def test_densities_share_a_bucket_and_the_key_names_the_machine():
+    module = nn.Linear(100, 10)
+    a = layer_case(module, torch.rand(10, 100) < 0.101, (4, 100), True)
+    assert a.density in (0.1, 0.15, 0.05) and a.threads == torch.get_num_threads() and a.device.startswith("cpu:")
+    assert execution.density_bucket(0.0001) == 0.05 and execution.density_bucket(0.99) == 1.0
+
+
+def test_each_layer_runs_the_way_it_was_measured_faster():
+    model, cache = _net(), TimingCache(None)
+    masks = _masks(model)
+    # preset timings: the conv measured faster dense x mask, the linears faster sparse
+    verdicts = {"0.weight": Timing(5.0, 1.0), "3.weight": Timing(1.0, 5.0), "5.weight": Timing(1.0, 5.0)}
+    inputs = layer_inputs(model, ["0", "3", "5"], torch.randn(2, 1, 8, 8))
+    for name, timing in verdicts.items():
+        module = model.get_submodule(name[0])
+        cache.entries[layer_case(module, masks[name], *inputs[name[0]]).key()] = timing
+    timings = fastest_sparse(model, masks, torch.randn(2, 1, 8, 8), cache, inputs=inputs)
+    assert timings == verdicts  # nothing measured: all from the cache
+    chosen = {n for n, t in timings.items() if t.choice == "sparse"}
+    plan = apply_masks(model, masks, sparse_names=chosen)
+    assert plan == {"0.weight": "masked", "3.weight": "sparse", "5.weight": "sparse"}
+    assert isinstance(model[0].parametrizations.weight[0], WeightMask)
+    assert isinstance(model[3], SparseLinear) and isinstance(model[5], SparseLinear)
+
+
+def _client_plan(policy, monkeypatch, verdict):
+    monkeypatch.setattr(execution, "time_layer", lambda module, mask, shape, grad, repeats=5: verdict(module))
+    monkeypatch.setattr(execution, "_CACHES", {})
+    config = ExperimentConfig.load(None, ["data.dataset=digits", "data.samples_per_client=60", "clients=2",
+                                          "model.name=cnn", "model.width=4", "fedspa.density=0.3",
+                                          f"fedspa.sparse_policy={policy}", "progress=false"])
+    fed = federation(config)
+    client = fed.clients[0]
+    model = client._execute(client.received_model(fed.server.downlink(0, 0)))
+    return {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d,
+                                                                                          SparseLinear, SparseConv2d))}
+
+
+def test_the_fastest_policy_follows_the_measurements_and_memory_keeps_the_density_rule(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEDSPA_CACHE_DIR", str(tmp_path))
+    convs_slow = _client_plan("fastest", monkeypatch,
+                              lambda m: Timing(9.0, 1.0) if isinstance(m, nn.Conv2d) else Timing(1.0, 9.0))
+    assert all(kind in ("ParametrizedConv2d", "Conv2d", "SparseLinear") for kind in convs_slow.values()), convs_slow
+    assert "SparseLinear" in convs_slow.values()
+    monkeypatch.setenv("FEDSPA_CACHE_DIR", str(tmp_path / "other"))
+    all_slow = _client_plan("fastest", monkeypatch, lambda m: Timing(9.0, 1.0))
+    assert not any(kind.startswith("Sparse") for kind in all_slow.values()), all_slow
+    monkeypatch.setenv("FEDSPA_CACHE_DIR", str(tmp_path / "third"))
+    memory = _client_plan("memory", monkeypatch, lambda m: pytest.fail("the memory policy measures nothing"))
+    assert "SparseConv2d" in memory.values() and "SparseLinear" in memory.values()
+
+
+def test_an_unknown_policy_is_a_config_error():
+    with pytest.raises(ValueError, match="fedspa.sparse_policy must be one of fastest, memory"):
+        ExperimentConfig.load(None, ["fedspa.sparse_policy=quickest"])
+
+
+def test_personal_models_are_evaluated_on_the_layers_they_train_on(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEDSPA_CACHE_DIR", str(tmp_path))
+    config = ExperimentConfig.load(None, ["data.dataset=digits", "data.samples_per_client=60", "clients=2",
+                                          "model.name=mlp", "model.width=4", "fedspa.density=0.3",
+                                          "fedspa.sparse_policy=memory", "progress=false"])
+    fed = federation(config)
+    client = fed.clients[0]
+    downlink = fed.server.evaluation_downlink(0, 0)
+    model = client.evaluation_model(downlink, 0)
+    assert any(isinstance(m, SparseLinear) for m in model.modules())
+    dense = federation(ExperimentConfig.load(None, [*[f"{k}={v}" for k, v in (
+        ("data.dataset", "digits"), ("data.samples_per_client", 60), ("clients", 2), ("model.name", "mlp"),
+        ("model.width", 4), ("fedspa.density", 0.3), ("fedspa.execution", "dense_masked"))], "progress=false"]))
+    reference = dense.clients[0].evaluation_model(dense.server.evaluation_downlink(0, 0), 0)
+    assert not any(isinstance(m, SparseLinear) for m in reference.modules())
+    x = client.data.test_x
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference.eval()(x), rtol=1e-4, atol=1e-5)
