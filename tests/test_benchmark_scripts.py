@@ -117,3 +117,31 @@ def test_cpu_sparse_conv_benchmark_and_report(tmp_path):
     sparse = rows[("train step cnn conv2 32-64 14x14 k5 d=0.1", "fedspa cpp")]["memory_bytes"]["total"]
     dense = rows[("train step cnn conv2 32-64 14x14 k5 d=0.1", "masked dense")]["memory_bytes"]["total"]
     assert 0 < sparse < dense
+
+
+@pytest.mark.skipif(not fk.available_backends()["cpp"], reason="the cpp backend is not built")
+def test_cpu_peer_benchmark_and_report(tmp_path):
+    """fedspa and dense always run; SparseProp's rows run where it is installed and skip cleanly where not."""
+    raw = tmp_path / "raw.json"
+    _run(["-m", "pytest", "benchmarks/test_cpu_peers.py", "-q", "-p", "no:cacheprovider", f"--benchmark-json={raw}",
+          "--benchmark-max-time=0.05", "--benchmark-min-rounds=2"], {"FEDSPA_BENCH_TINY": "1"})
+    out = tmp_path / "summary.json"
+    _run(["benchmarks/report.py", str(raw), "--out", str(out)], {})
+    summary = json.loads(out.read_text())
+    ours = [r for r in summary["rows"] if r["implementation"] == "fedspa cpp"]
+    assert len(ours) == 2 and all(r["speedup_vs_baseline"] > 0 and r["gflop_per_s"] > 0 for r in ours)
+    assert summary["dense_flop_rate_gflop_per_s"] > 0
+    try:
+        import sparseprop  # noqa: F401
+    except ImportError:
+        return
+    assert all(r["speedup_vs_peer"] > 0 for r in ours)
+
+
+def test_client_step_benchmark_smoke(tmp_path):
+    out = tmp_path / "client_step.json"
+    result = _run(["benchmarks/client_step.py", str(out), "--models", "cnn", "--densities", "0.5", "--rounds", "1",
+                   "--runs", "1"], {})
+    rows = json.loads(out.read_text())["runs"][0]
+    assert len(rows) == 1 and all(rows[0][f"{way}_s"] > 0 for way in ("fastest", "memory", "dense_masked"))
+    assert "| cnn | 0.5 |" in result.stdout

@@ -150,3 +150,8 @@ def test_personal_models_are_evaluated_on_the_layers_they_train_on(monkeypatch, 
     x = client.data.test_x
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), reference.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_near_tie_runs_dense_times_mask():
+    assert Timing(0.95, 1.0).choice == "masked" and Timing(1.0, 1.0).choice == "masked"
+    assert Timing(0.85, 1.0).choice == "sparse"
