@@ -1,10 +1,11 @@
 // CUDA kernels of fedspa::scatter_add_aggregate and fedspa::scatter_add_average.
 //
 // One launch covers all clients: blockIdx.y walks the clients, blockIdx.x/threadIdx.x their entries
-// (grid-stride), and each valid entry does two atomicAdds into the (sum, coverage) arrays. Atomics beat a
-// sort-based segment reduction for scatter-add (see shared/anchors.md). An entry with an index outside
-// [0, n) is never written; the lowest such position per client is recorded with atomicMin, as is the lowest
-// non-finite value, and the host raises a ValueError naming the client after the kernel.
+// (grid-stride), and each valid entry does two atomicAdds into the (sum, coverage) arrays: one pass and no sort
+// of the indices, rather than a sort-based segment reduction (the choice is not yet timed on a GPU). An entry
+// with an index outside [0, n) is never written; the lowest such position per client is recorded with
+// atomicMin, as is the lowest non-finite value, and the host raises a ValueError naming the client after the
+// kernel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
