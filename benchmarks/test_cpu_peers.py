@@ -125,22 +125,16 @@ def _bench(benchmark, group, implementation, dense, mask, x, dy, flops, conv, de
     benchmark(_step, layer, x, dy, mask, implementation == "masked dense")
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("case", [(c, d) for c in CONVS for d in c[-1]], ids=lambda c: f"{c[0][0]} d={c[1]}")
-def test_conv_train_step(benchmark, case, implementation):
-    shape, density = case
-    dense, mask, x, dy, flops = _conv_case(*shape[:-1], density)
-    _bench(benchmark, f"train step {shape[0]} d={density}", implementation, dense, mask, x, dy, flops, True,
-           density, shape[0])
+CASES = [("conv", c, d) for c in CONVS for d in c[-1]] + [("linear", c, d) for c in LINEARS for d in c[-1]]
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("case", [(c, d) for c in LINEARS for d in c[-1]], ids=lambda c: f"{c[0][0]} d={c[1]}")
-def test_linear_train_step(benchmark, case, implementation):
-    shape, density = case
-    dense, mask, x, dy, flops = _linear_case(*shape[:-1], density)
-    _bench(benchmark, f"train step {shape[0]} d={density}", implementation, dense, mask, x, dy, flops, False,
-           density, shape[0])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1][0]} d={c[2]}")
+def test_train_step(benchmark, case, implementation):
+    kind, shape, density = case
+    dense, mask, x, dy, flops = (_conv_case if kind == "conv" else _linear_case)(*shape[:-1], density)
+    _bench(benchmark, f"train step {shape[0]} d={density}", implementation, dense, mask, x, dy, flops,
+           kind == "conv", density, shape[0])
 
 
 def test_dense_sgemm_flop_rate(benchmark):

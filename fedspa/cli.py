@@ -105,15 +105,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "flower":
-            from .flower import launch
-
-            import datetime as _dt
             from pathlib import Path
 
-            from .train import prepare_output
+            from .flower import launch
+            from .train import default_output, prepare_output
 
-            stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-            out = Path(args.output or f"{config.output_dir}/{stamp}_flower_{args.mode}")
+            out = Path(args.output) if args.output else default_output(config, f"flower_{args.mode}")
             prepare_output(out, resume=False, overwrite=args.overwrite)
             if args.mode == "simulate":
                 summary = launch.simulate(config, out, args.round_timeout)

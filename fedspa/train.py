@@ -316,6 +316,12 @@ def _fsync_directory(folder: Path) -> None:
         os.close(fd)
 
 
+def default_output(config: ExperimentConfig, label: str) -> Path:
+    """``<config.output_dir>/<UTC time>_<label>``: a run's folder when none is given."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path(config.output_dir) / f"{stamp}_{label}"
+
+
 def prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Makes `out` ready for a run: refuses a file, or a folder holding a run unless it is resumed or overwritten
     (overwriting removes the run's own files, nothing else).
@@ -433,8 +439,7 @@ def run(config: ExperimentConfig, *, model_fn: Callable[[], nn.Module] | None = 
         torch.set_num_threads(config.threads)
     fed = federation(config, model_fn=model_fn, data=data, loss_fn=loss_fn)
     config = fed.config
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(output_dir) if output_dir is not None else Path(config.output_dir) / f"{stamp}_{config.name}"
+    out = Path(output_dir) if output_dir is not None else default_output(config, config.name)
     prepare_output(out, resume=resume, overwrite=overwrite)
     checkpoint = out / "checkpoint.pt"
     setup = fed.setup()
