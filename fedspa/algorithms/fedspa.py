@@ -17,13 +17,15 @@ arXiv:2201.11380 (2022); where the paper is silent the defaults follow the same 
      round(alpha_t * nnz) active weights of smallest |w| and regrows as many inactive positions, by a random score
      (default) or |gradient| of one dense minibatch; alpha_t anneals with a cosine. One fedspa_kernels.prune_regrow
      call covers every tensor.
-  4. The client uploads its values at its new mask with the mask (bitmap or int32 positions, the smaller); the
-     regrown positions carry 0 (``regrown_init = zero``) or, for ``global``, the server fills them with its
-     current value (the value a client would have fetched).
+  4. The client uploads its values at its new mask with the mask (bitmap or int32 positions, the smaller). The
+     server knows the mask the client trained under (it sent it), so a client *holds* only the positions it
+     trained and kept; the regrown ones carry no trained value and never enter the aggregate. They start the
+     client's next round at 0 (``regrown_init = zero``, as in RigL) or at the global value it fetches
+     (``global``).
   5. The server aggregates with one fedspa_kernels scatter-add call over all sampled clients and all masked
      tensors: ``holders`` (default) averages each position over the clients holding it and keeps the previous
-     value where nobody does; ``mean`` adds the average of the sparse updates m_k * (w_k - w). Dense entries are
-     averaged.
+     value where nobody does; ``mean`` adds the average of the held sparse updates m_k * (w_k - w). Dense entries
+     are averaged.
   6. Client k's personal model is the global model times its mask (with its own normalization layers under
      ``norm_layers = local``).
 """
@@ -194,16 +196,12 @@ class FedSpaServer(SparseLayout, Server):
             previous = torch.cat([state[n].detach().reshape(-1).float() for n in sparse]) if sparse else None
             indices, values = [], []
             for r in received:
-                client_values = []
-                for name in sparse:
-                    v = r.values[name]
-                    if cfg.regrown_init == "global":  # regrown positions start at the global value
-                        regrown = ~self.masks[r.client][name].reshape(-1)[r.positions[name]]
-                        v = torch.where(regrown, previous[offsets[name] + r.positions[name]], v)
-                    client_values.append(v)
                 if sparse:
-                    indices.append(torch.cat([r.positions[n] + offsets[n] for n in sparse]))
-                    values.append(torch.cat(client_values))
+                    # a client holds what it trained (the mask the server sent it) and kept; the positions it
+                    # regrew carry no trained value and must not count as holders
+                    held = [self.masks[r.client][n].reshape(-1)[r.positions[n]] for n in sparse]
+                    indices.append(torch.cat([r.positions[n][h] + offsets[n] for n, h in zip(sparse, held)]))
+                    values.append(torch.cat([r.values[n][h] for n, h in zip(sparse, held)]))
             weights = [float(r.samples) for r in received] if cfg.weighted_aggregation else None
             merged = {}
             if sparse:
@@ -256,15 +254,18 @@ class FedSpaClient(SparseLayout, Client):
         super().__init__(*args, **kwargs)
         self._init_layout()
         self.mask: dict[str, torch.Tensor] | None = None  # learnt from the first downlink
+        # the positions the last mask update regrew (regrown_init = zero starts them at 0 in the next round)
+        self.regrown: dict[str, torch.Tensor] | None = None
         self.personal = {n: t.to(self.device) for n, t in self.models.initial_state(self.personal_names).items()}
         self._sparse_runs: bool | None = None  # does this model run with sparse layers? (probed once)
         self._layer_inputs: dict[str, tuple[tuple[int, ...], bool]] | None = None  # for the fastest policy
         self._sparse_evaluates: bool | None = None  # does it also run with sparse layers in eval mode? (probed once)
 
     # ---------------------------------------------------------------------------------------------- pieces
-    def received_model(self, downlink: bytes) -> nn.Module:
+    def received_model(self, downlink: bytes, *, training: bool = False) -> nn.Module:
         """The dense model the server sent: the global values at this client's mask, zeros elsewhere; adopts the
-        mask when the server sent positions."""
+        mask when the server sent positions. With `training` and ``regrown_init = zero``, the weights the last mask
+        update regrew start at 0 (when the server sent values at the mask the client uploaded)."""
         known = None
         if self.mask is not None:
             known = [self.mask[n].reshape(-1).nonzero().squeeze(1).cpu() if n in self.mask_shapes else None
@@ -285,11 +286,16 @@ class FedSpaClient(SparseLayout, Client):
                     mask[name] = flat_mask.reshape(target.shape)
                 flat = torch.zeros(target.numel(), dtype=target.dtype, device=self.device)
                 flat[position] = entry.values.to(self.device, target.dtype)
+                if training and entry.kind == comm.VALUES and self.regrown is not None \
+                        and self.config.fedspa.regrown_init == "zero":
+                    flat[self.regrown[name].reshape(-1)] = 0
                 values[name] = flat
             else:
                 values[name] = entry.values
         load_state(model, values)
         load_state(model, self.personal)
+        if training or any(e.kind != comm.VALUES for e in entries):
+            self.regrown = None  # used once; a mask the server resent is not the one the update regrew in
         self.mask = mask
         return model
 
@@ -384,16 +390,19 @@ class FedSpaClient(SparseLayout, Client):
 
     # ---------------------------------------------------------------------------------------------- protocol
     def round(self, downlink: bytes, round_index: int, *, measure_memory: bool = False) -> tuple[bytes, TrainMetrics]:
-        model = self._execute(self.received_model(downlink))
+        model = self._execute(self.received_model(downlink, training=True))
         metrics = self.local_train(model, round_index, measure_memory=measure_memory)
         weights = masked_weight_values(model, list(self.mask_shapes))
         new_masks, extra_flops = self.update_masks(model, weights, round_index)
         metrics.flops += extra_flops
         state = model.state_dict()
-        # uplink: the trained values at the new mask (regrown positions carry 0) and its positions; dense whole
+        # uplink: the trained values at the new mask and its positions (dense entries whole); the server knows the
+        # mask they were trained under, so it counts only the kept positions as trained, never the regrown ones
         payload = comm.encode([(weights[n], new_masks[n], False) if n in new_masks else (state[n], None, False)
                                for n in self.wire_names])
         self.personal = {n: state[n].detach().clone() for n in self.personal_names}
+        regrown = {n: new_masks[n] & ~self.mask[n] for n in new_masks}
+        self.regrown = regrown if any(bool(r.any()) for r in regrown.values()) else None
         self.mask = new_masks
         return payload, metrics
 
@@ -423,19 +432,31 @@ class FedSpaClient(SparseLayout, Client):
         state = {f"personal.{n}": t.detach().clone() for n, t in self.personal.items()}
         if self.mask is not None:
             state.update({f"mask.{n}": m.clone() for n, m in self.mask.items()})
+        if self.regrown is not None:
+            state.update({f"regrown.{n}": m.clone() for n, m in self.regrown.items()})
         return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         masks = {k[len("mask."):]: v for k, v in state.items() if k.startswith("mask.")}
+        regrown = {k[len("regrown."):]: v for k, v in state.items() if k.startswith("regrown.")}
         personal = {k[len("personal."):]: v for k, v in state.items() if k.startswith("personal.")}
-        unknown = set(state) - {f"mask.{n}" for n in masks} - {f"personal.{n}" for n in personal}
-        if unknown or set(personal) != set(self.personal_names) or (masks and set(masks) != set(self.mask_shapes)):
-            raise ValueError(f"client state must hold mask.<name> for {sorted(self.mask_shapes)} (or none) and "
-                             f"personal.<name> for {self.personal_names}; got {sorted(state)}")
+        unknown = set(state) - {f"mask.{n}" for n in masks} - {f"personal.{n}" for n in personal} \
+            - {f"regrown.{n}" for n in regrown}
+        if unknown or set(personal) != set(self.personal_names) or (masks and set(masks) != set(self.mask_shapes)) \
+                or (regrown and (not masks or set(regrown) != set(self.mask_shapes))):
+            raise ValueError(f"client state must hold mask.<name> for {sorted(self.mask_shapes)} (or none), "
+                             f"optionally regrown.<name> for the same names, and personal.<name> for "
+                             f"{self.personal_names}; got {sorted(state)}")
         if masks:
             self.check_masks("client state mask", masks)
+        if regrown:
+            check_tensors("client state regrown", regrown, self.mask_shapes, dtype=torch.bool)
+            outside = [n for n in regrown if bool((regrown[n] & ~masks[n]).any())]
+            if outside:
+                raise ValueError(f"client state regrown {outside[0]} marks positions outside its mask")
         check_tensors("client state personal", personal, {n: self.models.shapes[n] for n in self.personal_names})
         self.mask = {n: m.to(self.device) for n, m in masks.items()} if masks else None
+        self.regrown = {n: m.to(self.device) for n, m in regrown.items()} if regrown else None
         self.personal = {n: v.to(self.device, self.models.dtypes[n]) for n, v in personal.items()}
 
 
