@@ -111,7 +111,8 @@ class Federation:
             measure = self.config.measure_memory and position == 0
             payload, metrics = self.clients[k].round(downlink, round_index, measure_memory=measure)
             try:  # what a Flower server receives: the payload and the metrics as a record, both checked
-                upload = Upload(k, payload, TrainMetrics.from_record(metrics.to_record()), len(downlink))
+                upload = Upload(k, payload, TrainMetrics.from_record(metrics.to_record()), len(downlink),
+                                round_index)
                 profiling += upload.metrics.profiling_seconds
                 received.append(self.server.receive(upload))
             except Exception as exc:  # noqa: BLE001  (whatever is wrong with an upload drops that client only)
@@ -372,6 +373,7 @@ def summarize(history: list[dict], config: ExperimentConfig) -> dict:
         "train_seconds": sum(h["train_seconds"] for h in history),
         "seconds_per_round": sum(h["train_seconds"] for h in history) / max(len(history), 1),
         "median_seconds_per_round": statistics.median(h["train_seconds"] for h in history) if history else None,
+        **({"final_mask_density": history[-1]["mask_density"]} if history and "mask_density" in history[-1] else {}),
         "dropped": {h["round"]: h["dropped"] for h in history if h.get("dropped")},  # round -> client -> reason
         "eval_dropped": {h["round"]: h["eval_dropped"] for h in history if h.get("eval_dropped")},
     }
@@ -475,6 +477,7 @@ def run(config: ExperimentConfig, *, model_fn: Callable[[], nn.Module] | None = 
             sampled, uploads, dropped, profiling = fed.round(t)
             row = train_row(t, fed.clients[0].learning_rate(t), sampled, uploads,
                             time.perf_counter() - began - profiling)
+            row.update(fed.server.round_metrics())
             if dropped:
                 row["dropped"] = dropped
             if (t + 1) % config.eval_every == 0 or t + 1 == config.rounds:

@@ -11,7 +11,7 @@ One round, as every runner drives it::
     for k in server.sample(t):
         payload = server.downlink(k, t)                               # bytes to client k
         upload, metrics = clients[k].round(payload, t)                # bytes back, and TrainMetrics
-        received.append(server.receive(Upload(k, upload, metrics, len(payload))))   # checked; may raise ValueError
+        received.append(server.receive(Upload(k, upload, metrics, len(payload), t)))  # checked; may raise ValueError
     server.aggregate(received, t)
 
 ``evaluate`` works the same way with ``server.evaluation_downlink``. Every random draw comes from a CPU generator
@@ -141,6 +141,7 @@ class Upload:
     payload: bytes
     metrics: TrainMetrics
     bytes_down: int = 0
+    round_index: int | None = None  # the round the client trained in (the server ran it: not the client's word)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -296,6 +297,11 @@ class Server:
     def aggregate(self, received: list[Any], round_index: int) -> None:
         """Folds the checked uploads of one round (sorted by client) into the global state."""
         raise NotImplementedError
+
+    def round_metrics(self) -> dict[str, float]:
+        """Numbers about the server's state after a round's aggregation, added to the history row (default: none;
+        FedSpa and Sub-FedAvg: the mean density of the clients' masks)."""
+        return {}
 
     def drop(self, client: int) -> None:
         """Client `client` was sent a downlink but its upload was refused or never came."""

@@ -155,8 +155,9 @@ class FedSpaServer(SparseLayout, Server):
         return comm.encode([(state[n], masks[n], self.server_knows_mask[client]) if n in masks
                             else (state[n], None, False) for n in self.wire_names])
 
-    def expected_nnz(self, client: int, name: str) -> int:
-        """The number of active weights client `client` must upload for tensor `name` (FedSpa: unchanged)."""
+    def expected_nnz(self, client: int, name: str, round_index: int) -> int:
+        """The number of active weights client `client` must upload for tensor `name` in round `round_index`
+        (FedSpa: unchanged)."""
         return int(self.masks[client][name].count_nonzero())
 
     def check_new_mask(self, client: int, name: str, mask: torch.Tensor) -> None:
@@ -166,7 +167,9 @@ class FedSpaServer(SparseLayout, Server):
         k = upload.client
         if not 0 <= k < self.num_clients:
             raise ValueError(f"client {k} is not part of this federation of {self.num_clients}")
-        expect = [comm.Expect.sparse(math.prod(self.models.shapes[n]), self.expected_nnz(k, n))
+        if upload.round_index is None:
+            raise ValueError("a FedSpa upload must say the round it was trained in (Upload.round_index)")
+        expect = [comm.Expect.sparse(math.prod(self.models.shapes[n]), self.expected_nnz(k, n, upload.round_index))
                   if n in self.mask_shapes else comm.Expect.dense(math.prod(self.models.shapes[n]))
                   for n in self.wire_names]
         entries = comm.decode(upload.payload, expect=expect)  # every header, range, order and value checked
@@ -224,6 +227,13 @@ class FedSpaServer(SparseLayout, Server):
         for r in received:
             self.masks[r.client] = r.masks
             self.server_knows_mask[r.client] = True
+
+    def round_metrics(self) -> dict[str, float]:
+        total = sum(math.prod(s) for s in self.mask_shapes.values())
+        if not total:
+            return {}
+        nnz = [sum(int(m.count_nonzero()) for m in masks.values()) for masks in self.masks]
+        return {"mask_density": sum(nnz) / (total * len(nnz))}
 
     def drop(self, client: int) -> None:
         # the client may hold a mask the server never accepted: the next downlink carries the positions again

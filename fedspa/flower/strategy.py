@@ -119,7 +119,7 @@ class FederatedStrategy(Strategy):
                 continue
             try:
                 payload = from_array_record(reply.content.array_records.get("arrays"))
-                upload = Upload(k, payload, TrainMetrics.from_record(reply.content["metrics"]), bytes_down)
+                upload = Upload(k, payload, TrainMetrics.from_record(reply.content["metrics"]), bytes_down, t)
                 received.append((k, self.server.receive(upload)))
                 uploads.append(upload)
             except Exception as exc:  # noqa: BLE001  (whatever is wrong with a reply drops that client only)
@@ -130,7 +130,8 @@ class FederatedStrategy(Strategy):
         received.sort(key=lambda item: item[0])  # the order fedspa.train aggregates in
         uploads.sort(key=lambda u: u.client)
         self.server.aggregate([r for _, r in received], t)
-        row = train_row(t, learning_rate(self.config, t), self._row["sampled"], uploads, 0.0)
+        row = {**train_row(t, learning_rate(self.config, t), self._row["sampled"], uploads, 0.0),
+               **self.server.round_metrics()}
         self._row = {**row, "dropped": self._row["dropped"], "started": self._row["started"],
                      "aggregated": [u.client for u in uploads]}
         return None, MetricRecord({"train_loss": row["train_loss"], "bytes_up": row["bytes_up"],

@@ -47,6 +47,44 @@ def test_sub_fedavg_prunes_down_to_its_target_and_stops(tmp_path):
     assert ups[-1] < 0.5 * ups[0]  # the payload shrank with the mask
 
 
+def test_sub_fedavg_schedule_reaches_the_target_density_by_prune_until(tmp_path):
+    """The default schedule: every client sampled at or after round prune_until * rounds holds exactly the target
+    nnz per tensor, however few times it was sampled before; the summary reports the clients' final density."""
+    result = _run(tmp_path, "sub_fedavg", "rounds=8", "client_fraction=0.5", "sub_fedavg.prune_rate=null",
+                  "sub_fedavg.prune_until=0.5")
+    from fedspa.train import federation
+
+    server = federation(ExperimentConfig.load(None, TINY + ["algorithm=sub_fedavg"])).server
+    state = torch.load(tmp_path / "sub_fedavg" / "checkpoint.pt", weights_only=True)["server"]
+    late = {k for h in result.history[3:] for k in h["sampled"]}  # sampled in rounds 4..8 (0-based 3..7)
+    assert late
+    for k in range(4):
+        for name, mask in state["masks"][k].items():
+            if k in late:
+                assert int(mask.sum()) == server.targets[name], (k, name)
+            else:
+                assert int(mask.sum()) >= server.targets[name]
+    densities = [sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+                 for masks in state["masks"]]
+    assert result.summary["final_mask_density"] == pytest.approx(sum(densities) / 4)
+    assert [h["mask_density"] for h in result.history] == sorted((h["mask_density"] for h in result.history),
+                                                                 reverse=True)
+
+
+def test_scheduled_nnz_falls_geometrically_to_the_target_and_stays():
+    from fedspa.algorithms.sub_fedavg import scheduled_nnz
+
+    numel, target, rounds = 1000, 100, 10
+    nnz, seen = numel, []
+    for t in range(rounds):
+        nnz = scheduled_nnz(nnz, numel, target, t, rounds, 0.5)
+        seen.append(nnz)
+    assert seen[:5] == [631, 399, 252, 159, 100] and seen[5:] == [100] * 5  # 0.1 ** ((t + 1) / 5)
+    assert scheduled_nnz(700, numel, target, 0, rounds, 0.5) == 631  # a client sampled late catches up at once
+    assert scheduled_nnz(500, numel, target, 0, rounds, 0.5) == 500  # and never grows
+    assert scheduled_nnz(50, 50, 50, 3, rounds, 0.5) == 50  # a dense tensor stays dense
+
+
 @pytest.mark.parametrize("algorithm", ["ditto", "fedper", "sub_fedavg", "fedavg_ft", "fedrep"])
 def test_resume_is_exact(tmp_path, algorithm):
     config = ExperimentConfig.load(None, TINY + [f"algorithm={algorithm}", "rounds=3", "client_fraction=0.5"])

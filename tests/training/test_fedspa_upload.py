@@ -23,7 +23,7 @@ def _round(fed, clients, round_index=0):
     received = []
     for k in clients:
         payload, metrics = fed.clients[k].round(server.downlink(k, round_index), round_index)
-        received.append(server.receive(Upload(k, payload, metrics)))
+        received.append(server.receive(Upload(k, payload, metrics, round_index=round_index)))
     server.aggregate(received, round_index)
     after = {n: t.detach().clone().reshape(-1) for n, t in server.global_model.state_dict().items()}
     return received, trained_masks, before, after

@@ -42,7 +42,7 @@ def fed():
 
 def _receive(fed_, payload: bytes, client: int = 0):
     federation_, _ = fed_
-    return federation_.server.receive(Upload(client, payload, METRICS, 0))
+    return federation_.server.receive(Upload(client, payload, METRICS, 0, 0))
 
 
 def _server_state(federation_) -> dict:
