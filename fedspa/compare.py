@@ -19,6 +19,7 @@ import numpy as np
 
 from .algorithms import registry
 from .config import ExperimentConfig
+from .plots import plot_comparison
 from .train import RunResult, run
 
 DEFAULT_VARIANTS = ("fedspa", "fedspa:dense_masked", "fedavg")
@@ -95,12 +96,32 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def bytes_to_accuracy(history: list[dict], target: float) -> float | None:
     """Bytes (up + down) communicated until the pooled accuracy first reached `target`; None if it never did."""
+    reached = _reach(history, target)
+    return reached[1] if reached else None
+
+
+def rounds_to_accuracy(history: list[dict], target: float) -> int | None:
+    """The first round whose pooled accuracy reached `target`; None if none did."""
+    reached = _reach(history, target)
+    return reached[0] if reached else None
+
+
+def _reach(history: list[dict], target: float) -> tuple[int, float] | None:
     total = 0
     for h in history:
         total += h["bytes_up"] + h["bytes_down"]
         if h.get("acc_pooled") is not None and h["acc_pooled"] >= target:
-            return float(total)
+            return h["round"], float(total)
     return None
+
+
+def default_target(final_accuracies: list[float]) -> float:
+    """0.9 x the median of the variants' final accuracies, rounded down to a whole percent: a level most methods
+    reach, so 'rounds / MB to reach' compares how fast they get there."""
+    finite = [a for a in final_accuracies if a is not None and not math.isnan(a)]
+    if not finite:
+        return float("nan")
+    return math.floor(90 * float(np.median(finite))) / 100
 
 
 def _row(label: str, results: list[RunResult], target: float) -> dict:
@@ -111,6 +132,7 @@ def _row(label: str, results: list[RunResult], target: float) -> dict:
     client_mean = [s["final_acc_mean"] for s in summaries]
     reach = [bytes_to_accuracy(r.history, target) for r in results]
     reached = [b for b in reach if b is not None]
+    reach_rounds = [rounds_to_accuracy(r.history, target) for r in results]
     rounds = [s["rounds"] for s in summaries]
     clients_trained = [sum(len(h["sampled"]) for h in r.history) for r in results]
     return {
@@ -125,6 +147,8 @@ def _row(label: str, results: list[RunResult], target: float) -> dict:
         "bytes_up": _mean_std([s["bytes_up"] for s in summaries])[0],
         "bytes_down": _mean_std([s["bytes_down"] for s in summaries])[0],
         "bytes_to_target": _mean_std(reached)[0] if len(reached) == len(reach) else None,
+        "rounds_to_target": _mean_std([float(r) for r in reach_rounds if r is not None])[0]
+        if len(reached) == len(reach) else None,
         "seeds_reaching_target": len(reached),
         "training_flops": _mean_std([s["training_flops"] for s in summaries])[0],
         "flops_per_client_round": _mean_std([s["training_flops"] / max(c, 1)
@@ -141,56 +165,31 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
     return f"{value / scale:.{digits}f}"
 
 
+def _reached(row: dict, key: str, scale: float) -> str:
+    """The mean over seeds, or how many seeds reached the target when not all did."""
+    if row[key] is not None:
+        return _fmt(row[key], scale)
+    return f"- ({row['seeds_reaching_target']}/{row['seeds']} seeds)"
+
+
 def format_table(rows: list[dict], target: float) -> str:
     """The comparison as a markdown table."""
-    head = ("| variant | seeds | personalized acc. (final, pooled) | mean ± std over clients | best | "
-            f"MB up+down | MB to reach {target:.3f} | training GFLOP / client-round | peak client MB | s / round (median) |\n"
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+    level = f"{100 * target:.0f}%" if not math.isnan(target) else "-"
+    head = ("| variant | seeds | personalized acc. % (final, pooled) | mean ± std over clients | best | "
+            f"MB up+down | rounds to {level} | MB to {level} | training GFLOP / client-round | peak client MB | "
+            "s / round (median) |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
     lines = []
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['seeds']} | {_fmt(r['acc_final'], 0.01)}"
             f"{' ± ' + _fmt(r['acc_final_std_seeds'], 0.01) if r['seeds'] > 1 else ''}"
             f" | {_fmt(r['acc_client_mean'], 0.01)} ± {_fmt(r['acc_client_std'], 0.01)} | {_fmt(r['acc_best'], 0.01)}"
-            f" | {_fmt(r['bytes_total'], 1e6)} | {_fmt(r['bytes_to_target'], 1e6)}"
+            f" | {_fmt(r['bytes_total'], 1e6)} | {_reached(r, 'rounds_to_target', 1.0)}"
+            f" | {_reached(r, 'bytes_to_target', 1e6)}"
             f" | {_fmt(r['flops_per_client_round'], 1e9, 2)} | {_fmt(r['peak_client_memory'], 1e6, 2)}"
             f" | {_fmt(r['seconds_per_round'], 1.0, 2)} |")
     return head + "\n".join(lines) + "\n"
-
-
-def _plot(runs: dict[str, list[RunResult]], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    for name, xlabel in (("round", "round"), ("bytes", "MB communicated (up + down)")):
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for label, results in runs.items():
-            curves = []
-            for r in results:
-                cumulative, xs, ys = 0, [], []
-                for h in r.history:
-                    cumulative += h["bytes_up"] + h["bytes_down"]
-                    if h.get("acc_pooled") is not None:
-                        xs.append(h["round"] if name == "round" else cumulative / 1e6)
-                        ys.append(h["acc_pooled"])
-                curves.append((xs, ys))
-            length = min(len(c[1]) for c in curves)
-            xs = np.mean([c[0][:length] for c in curves], axis=0)
-            ys = np.array([c[1][:length] for c in curves])
-            ax.plot(xs, ys.mean(0), label=label)
-            if len(curves) > 1:
-                ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("personalized test accuracy (pooled)")
-        if name == "bytes":
-            ax.set_xscale("log")
-        ax.legend(fontsize="small")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / f"accuracy_vs_{name}.png", dpi=120)
-        plt.close(fig)
 
 
 def compare(config: ExperimentConfig, variants: list[str] | tuple[str, ...] = DEFAULT_VARIANTS,
@@ -202,7 +201,8 @@ def compare(config: ExperimentConfig, variants: list[str] | tuple[str, ...] = DE
     Args:
         variants: ``algorithm`` or ``algorithm:execution`` strings.
         seeds: training seeds (model init, masks, sampling, shuffling).
-        target_accuracy: for "bytes to reach"; default 0.95 x the lowest final accuracy among the variants.
+        target_accuracy: for "rounds / bytes to reach"; default :func:`default_target` of the variants' final
+            accuracies.
         resume: finish interrupted runs from their checkpoints instead of starting over.
     """
     parsed = [Variant.parse(v) for v in expand_variants(variants)]
@@ -223,8 +223,8 @@ def compare(config: ExperimentConfig, variants: list[str] | tuple[str, ...] = DE
             runs.setdefault(variant.label, []).append(run(run_config, output_dir=folder, resume=again,
                                                           overwrite=not again))
     if target_accuracy is None:
-        target_accuracy = 0.95 * min(_mean_std([r.summary["final_acc_pooled"] for r in results])[0]
-                                     for results in runs.values())
+        target_accuracy = default_target([_mean_std([r.summary["final_acc_pooled"] for r in results])[0]
+                                          for results in runs.values()])
     rows = [_row(label, results, target_accuracy) for label, results in runs.items()]
     markdown = format_table(rows, target_accuracy)
     (out / "comparison.md").write_text(markdown)
@@ -241,5 +241,6 @@ def compare(config: ExperimentConfig, variants: list[str] | tuple[str, ...] = DE
         "target_accuracy": target_accuracy, "rows": rows,
         "machine": {k: info[k] for k in ("platform", "cpu_threads", "python", "torch", "triton", "fedspa")},
     }, indent=2))
-    _plot(runs, out)
+    plot_comparison({label: [r.history for r in results] for label, results in runs.items()}, out, config,
+                    len(seeds))
     return Comparison(out, rows, runs, target_accuracy, markdown)

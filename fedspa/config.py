@@ -118,6 +118,7 @@ class ExperimentConfig:
     output_dir: str = "runs"
     checkpoint_every: int = 1
     measure_memory: bool = True
+    tensorboard: bool = False  # also log the per-round metrics for TensorBoard (<run folder>/tensorboard)
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     sections: dict[str, Any] = field(default_factory=dict, repr=False)  # algorithm sections, by name
 

@@ -448,7 +448,9 @@ def partition(labels: np.ndarray, clients: int, config: DataConfig, num_classes:
     per_client = config.samples_per_client or len(labels) // clients
     if per_client * clients > len(labels):
         raise ValueError(f"data.samples_per_client={per_client} x {clients} clients needs {per_client * clients} "
-                         f"samples, the dataset has {len(labels)}")
+                         f"samples, the dataset has {len(labels)}: set data.samples_per_client="
+                         f"{len(labels) // clients} or less (or null: the whole dataset split evenly), or fewer "
+                         f"clients")
     if config.partition == "iid":
         order = rng.permutation(len(labels))
         return [np.sort(order[k * per_client:(k + 1) * per_client]) for k in range(clients)]
@@ -587,7 +589,8 @@ def label_counts(clients: list[ClientData], num_classes: int) -> np.ndarray:
     return np.stack([np.bincount(c.train_y.cpu().numpy(), minlength=num_classes) for c in clients])
 
 
-def plot_label_distribution(clients: list[ClientData], num_classes: int, path: str | Path) -> None:
+def plot_label_distribution(clients: list[ClientData], num_classes: int, path: str | Path,
+                            title: str = "label distribution per client") -> None:
     """A stacked bar chart of each client's training labels, saved as PNG."""
     import matplotlib
 
@@ -601,9 +604,15 @@ def plot_label_distribution(clients: list[ClientData], num_classes: int, path: s
     for c in range(num_classes):
         ax.bar(np.arange(len(clients)), counts[:, c], bottom=bottom, color=cmap(c % cmap.N), label=str(c))
         bottom += counts[:, c]
+    from matplotlib.ticker import MaxNLocator
+
+    if len(clients) <= 30:
+        ax.set_xticks(range(len(clients)))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("client")
     ax.set_ylabel("training samples")
-    ax.set_title("label distribution per client")
+    ax.set_title(title, fontsize="medium")
     if num_classes <= 20:
         ax.legend(title="class", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")
     fig.tight_layout()

@@ -21,6 +21,7 @@ comes from (seed, client, round)-seeded generators, and the checkpoint holds bot
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -31,7 +32,7 @@ import pickle
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,13 +48,15 @@ from .config import CUSTOM, ExperimentConfig, flatten
 from .data import FederatedData, federated_data, plot_label_distribution
 from .device import resolve_device
 from .models import build_model
+from .plots import plot_run, setting
 
 _log = logging.getLogger("fedspa")
 
 CHECKPOINT_FORMAT = "fedspa-checkpoint"
 CHECKPOINT_VERSION = 2
 # fields that do not change what a run computes: a checkpoint may be resumed with other values
-_NON_SEMANTIC = {"name", "output_dir", "progress", "threads", "checkpoint_every", "measure_memory", "device"}
+_NON_SEMANTIC = {"name", "output_dir", "progress", "threads", "checkpoint_every", "measure_memory", "device",
+                 "tensorboard"}
 
 
 @dataclass
@@ -74,7 +77,7 @@ class RunExistsError(ValueError):
 # what a run writes into its folder: all of it, and nothing else, is removed when a run is overwritten
 RUN_FILES = ("checkpoint.pt", "checkpoint.tmp", "config.yaml", "run.json", "partition.json", "metrics.jsonl",
              "metrics.csv", "summary.json", "label_distribution.png", "accuracy_vs_round.png",
-             "accuracy_vs_bytes.png")
+             "accuracy_vs_bytes.png", "run.log")
 # run files whose presence means the folder holds a run
 _RUN_MARKERS = ("checkpoint.pt", "config.yaml", "metrics.jsonl", "summary.json")
 # history fields every row has (summaries add them up)
@@ -218,16 +221,69 @@ def _semantic_differences(saved_config: dict, config: ExperimentConfig) -> list[
             if k.split(".")[0] not in _NON_SEMANTIC | other_sections and saved.get(k) != current.get(k)]
 
 
+_PACKED = "packed_bool"  # a bool tensor stored as bits: {"packed_bool": uint8 bits, "shape": [...]}
+
+
+def _pack(value: object) -> object:
+    """`value` with every bool tensor stored as bits (np.packbits order): a mask costs numel / 8 bytes."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+        bits = np.packbits(value.detach().cpu().reshape(-1).numpy())
+        return {_PACKED: torch.from_numpy(bits), "shape": list(value.shape)}
+    if isinstance(value, dict):
+        return {k: _pack(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_pack(v) for v in value]
+    return value
+
+
+def _unpack(value: object, where: str = "checkpoint") -> object:
+    """The inverse of `_pack`; a packed entry whose size, shape or padding bits do not fit raises ValueError."""
+    if isinstance(value, dict) and set(value) == {_PACKED, "shape"}:
+        bits, shape = value[_PACKED], value["shape"]
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31
+                                                 for d in shape)):
+            raise ValueError(f"{where}: a packed mask has the shape {shape!r}")
+        numel = math.prod(shape)
+        if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.dim() != 1 \
+                or bits.numel() != (numel + 7) // 8:
+            raise ValueError(f"{where}: a packed mask of shape {shape} needs {(numel + 7) // 8} uint8 bytes")
+        flat = np.unpackbits(bits.numpy(), count=numel) if numel else np.zeros(0, np.uint8)
+        if numel % 8 and int(bits[-1]) & (0xFF >> (numel % 8)):
+            raise ValueError(f"{where}: a packed mask of shape {shape} sets bits past its end")
+        return torch.from_numpy(flat.astype(bool)).reshape(shape)
+    if isinstance(value, dict):
+        return {k: _unpack(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unpack(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A run's ``checkpoint.pt`` as a dict (masks unpacked to bool tensors), without checking it against any
+    experiment: for looking inside one (``state["server"]["masks"][k]``). ``--resume`` uses
+    :func:`load_checkpoint`.
+
+    Raises:
+        CheckpointError: unreadable, or a packed mask that does not fit its shape.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {exc}") from None
+    try:
+        return _unpack(state, str(path))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
 def load_checkpoint(path: Path, config: ExperimentConfig, setup: dict | None = None) -> dict:
     """The checkpoint at `path`, checked to belong to this experiment (and, given `setup`, to this model and data).
 
     Raises:
         CheckpointError: unreadable, not a fedspa checkpoint, another version, or another experiment's.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {exc}") from None
+    state = read_checkpoint(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a fedspa checkpoint")
     if state.get("version") != CHECKPOINT_VERSION:
@@ -296,8 +352,8 @@ def _save_checkpoint(path: Path, fed: Federation, round_index: int, history: lis
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": fed.config.to_dict(),
-                    "setup": setup, "round": round_index, "server": fed.server.state_dict(),
-                    "clients": [c.state_dict() for c in fed.clients], "history": history}, f)
+                    "setup": setup, "round": round_index, "server": _pack(fed.server.state_dict()),
+                    "clients": [_pack(c.state_dict()) for c in fed.clients], "history": history}, f)
         f.flush()
         os.fsync(f.fileno())  # on disk before it replaces the last good checkpoint
     os.replace(tmp, path)  # atomic: a kill never leaves a half-written checkpoint
@@ -347,6 +403,10 @@ def prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
     if overwrite:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
+        board = out / "tensorboard"
+        if board.is_dir() and not board.is_symlink():  # only event files this run wrote
+            for event in board.glob("events.out.tfevents.*"):
+                event.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -379,34 +439,83 @@ def summarize(history: list[dict], config: ExperimentConfig) -> dict:
     }
 
 
-def _plot(history: list[dict], out: Path, label: str) -> None:
-    import matplotlib
+def write_outputs(history: list[dict], config: ExperimentConfig, out: Path) -> dict:
+    """What every runner (this one and the Flower server) writes after the last round: ``metrics.csv``,
+    ``summary.json`` and the plots. Returns the summary."""
+    columns: list[str] = []
+    for h in history:  # the union, in first-seen order (rounds without evaluation lack the accuracies)
+        columns += [k for k in h if k not in columns and k not in ("sampled", "acc_per_client", "dropped",
+                                                                      "eval_dropped", "aggregated", "started")]
+    with (out / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for h in history:
+            writer.writerow({k: h.get(k, "") for k in columns})
+    plot_run(history, out, config, config.name)
+    summary = summarize(history, config)
+    summary["output_dir"] = str(out)
+    partial = out / "summary.json.partial"  # summary.json appears last and whole (a launcher may poll for it)
+    partial.write_text(json.dumps(summary, indent=2))
+    partial.replace(out / "summary.json")
+    return summary
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    evaluated = [h for h in history if "acc_pooled" in h]
-    if not evaluated:
-        return
-    rounds = [h["round"] for h in evaluated]
-    mean = [h["acc_mean"] for h in evaluated]
-    std = [h["acc_std"] for h in evaluated]
-    cumulative, running = {}, 0
-    for h in history:
-        running += h["bytes_up"] + h["bytes_down"]
-        cumulative[h["round"]] = running
-    for name, xs, xlabel in (("accuracy_vs_round", rounds, "round"),
-                             ("accuracy_vs_bytes", [cumulative[r] / 1e6 for r in rounds], "MB communicated (up + down)")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(xs, [h["acc_pooled"] for h in evaluated], label=f"{label} (pooled)")
-        ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2,
-                        label=f"{label} (mean ± std over clients)")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("personalized test accuracy")
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(out / f"{name}.png", dpi=120)
-        plt.close(fig)
+@contextlib.contextmanager
+def run_log(out: Path) -> Iterator[None]:
+    """Meanwhile, everything the ``fedspa`` logger says (INFO and up) also goes to ``<out>/run.log``."""
+    handler = logging.FileHandler(out / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("fedspa")
+    handlers = [handler]
+    if not logger.hasHandlers():  # what Python's last-resort handler would have shown: warnings on stderr
+        console = logging.StreamHandler()
+        console.setLevel(logging.WARNING)
+        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handlers.append(console)
+    previous = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    for h in handlers:
+        logger.addHandler(h)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            logger.removeHandler(h)
+            h.close()
+        logger.setLevel(previous)
+
+
+class TensorBoardLog:
+    """The per-round numbers of a history row as TensorBoard scalars (``tensorboard=true``) in
+    ``<out>/tensorboard``; does nothing when off."""
+
+    SCALARS = ("train_loss", "acc_pooled", "acc_mean", "acc_std", "test_loss", "bytes_up", "bytes_down", "flops",
+               "peak_memory", "train_seconds", "eval_seconds", "lr", "mask_density")
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ValueError(f"tensorboard=true needs the tensorboard package (pip install tensorboard): "
+                                 f"{exc}") from None
+            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+
+    def add(self, row: dict) -> None:
+        if self.writer is None:
+            return
+        for key in self.SCALARS:
+            value = row.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(key, value, row["round"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def run(config: ExperimentConfig, *, model_fn: Callable[[], nn.Module] | None = None,
@@ -443,67 +552,66 @@ def run(config: ExperimentConfig, *, model_fn: Callable[[], nn.Module] | None = 
     config = fed.config
     out = Path(output_dir) if output_dir is not None else default_output(config, config.name)
     prepare_output(out, resume=resume, overwrite=overwrite)
-    checkpoint = out / "checkpoint.pt"
-    setup = fed.setup()
+    with run_log(out):
+        checkpoint = out / "checkpoint.pt"
+        setup = fed.setup()
 
-    history: list[dict] = []
-    start = 0
-    if resume:
-        state = load_checkpoint(checkpoint, config, setup)
-        _restore(checkpoint, state, fed)
-        history = list(state["history"])
-        start = state["round"]
-        saved_rounds = state["config"].get("rounds")
-        if saved_rounds != config.rounds:
-            _log.info("resuming %s at round %d with rounds=%d (the checkpoint's run had rounds=%s)", out, start,
-                      config.rounds, saved_rounds)
-            config.save(out / "config.yaml")  # the run's folder describes the run it now is
-    else:
-        config.save(out / "config.yaml")
-        versions = {"fedspa": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
-        (out / "run.json").write_text(json.dumps({**setup, "versions": versions}, indent=2))
-        if fed.data.partition is not None:
-            (out / "partition.json").write_text(json.dumps(fed.data.partition))
-        plot_label_distribution(fed.data.clients, fed.data.num_classes, out / "label_distribution.png")
+        history: list[dict] = []
+        start = 0
+        if resume:
+            state = load_checkpoint(checkpoint, config, setup)
+            _restore(checkpoint, state, fed)
+            history = list(state["history"])
+            start = state["round"]
+            saved_rounds = state["config"].get("rounds")
+            if saved_rounds != config.rounds:
+                _log.info("resuming %s at round %d with rounds=%d (the checkpoint's run had rounds=%s)", out, start,
+                          config.rounds, saved_rounds)
+                config.save(out / "config.yaml")  # the run's folder describes the run it now is
+        else:
+            config.save(out / "config.yaml")
+            versions = {"fedspa": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
+            (out / "run.json").write_text(json.dumps({**setup, "versions": versions}, indent=2))
+            if fed.data.partition is not None:
+                (out / "partition.json").write_text(json.dumps(fed.data.partition))
+            plot_label_distribution(fed.data.clients, fed.data.num_classes, out / "label_distribution.png",
+                                        f"training labels per client: {setting(config)}")
 
-    show = config.progress if config.progress is not None else sys.stderr.isatty()
-    last = config.rounds if stop_after is None else min(config.rounds, stop_after)
-    bar = tqdm(range(start, last), desc=config.name, disable=not show, initial=start, total=config.rounds)
-    with (out / "metrics.jsonl").open("w") as log:
-        for h in history:
-            log.write(json.dumps(h) + "\n")
-        for t in bar:
-            began = time.perf_counter()
-            sampled, uploads, dropped, profiling = fed.round(t)
-            row = train_row(t, fed.clients[0].learning_rate(t), sampled, uploads,
-                            time.perf_counter() - began - profiling)
-            row.update(fed.server.round_metrics())
-            if dropped:
-                row["dropped"] = dropped
-            if (t + 1) % config.eval_every == 0 or t + 1 == config.rounds:
+        show = config.progress if config.progress is not None else sys.stderr.isatty()
+        last = config.rounds if stop_after is None else min(config.rounds, stop_after)
+        bar = tqdm(range(start, last), desc=config.name, disable=not show, initial=start, total=config.rounds)
+        board = TensorBoardLog(out, config.tensorboard)
+        _log.info("run %s: %s, rounds %d to %d of %d", out, config.algorithm, start + 1, config.rounds if stop_after
+                  is None else min(config.rounds, stop_after), config.rounds)
+        with (out / "metrics.jsonl").open("w") as log:
+            for h in history:
+                log.write(json.dumps(h) + "\n")
+            for t in bar:
                 began = time.perf_counter()
-                row.update(fed.evaluate(t))
-                row["eval_seconds"] = time.perf_counter() - began
-                bar.set_postfix(acc=f"{row['acc_pooled']:.3f}", loss=f"{row['train_loss']:.3f}")
-            history.append(row)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            if (t + 1) % config.checkpoint_every == 0 or t + 1 == last:
-                _save_checkpoint(checkpoint, fed, t + 1, history, setup)
-    bar.close()
-
-    columns: list[str] = []
-    for h in history:  # the union, in first-seen order (rounds without evaluation lack the accuracies)
-        columns += [k for k in h if k not in columns and k not in ("sampled", "acc_per_client", "dropped", "eval_dropped")]
-    with (out / "metrics.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for h in history:
-            writer.writerow({k: h.get(k, "") for k in columns})
-    summary = summarize(history, config)
-    summary["output_dir"] = str(out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _plot(history, out, config.name)
+                sampled, uploads, dropped, profiling = fed.round(t)
+                row = train_row(t, fed.clients[0].learning_rate(t), sampled, uploads,
+                                time.perf_counter() - began - profiling)
+                row.update(fed.server.round_metrics())
+                if dropped:
+                    row["dropped"] = dropped
+                if (t + 1) % config.eval_every == 0 or t + 1 == config.rounds:
+                    began = time.perf_counter()
+                    row.update(fed.evaluate(t))
+                    row["eval_seconds"] = time.perf_counter() - began
+                    bar.set_postfix(acc=f"{row['acc_pooled']:.3f}", loss=f"{row['train_loss']:.3f}")
+                history.append(row)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                board.add(row)
+                _log.info("round %d: %s", row["round"], ", ".join(
+                    f"{k} {row[k]:.4g}" for k in ("train_loss", "acc_pooled", "bytes_up", "bytes_down",
+                                                  "train_seconds", "mask_density") if row.get(k) is not None))
+                if (t + 1) % config.checkpoint_every == 0 or t + 1 == last:
+                    _save_checkpoint(checkpoint, fed, t + 1, history, setup)
+        bar.close()
+        board.close()
+        summary = write_outputs(history, config, out)
+        _log.info("run finished: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
     return RunResult(out, history, summary)
 
 

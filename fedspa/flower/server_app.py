@@ -1,6 +1,5 @@
 """fedspa's Flower ServerApp: runs ``FederatedStrategy`` (the server half of ``config.algorithm``) for
-``config.rounds`` rounds and writes the same ``metrics.jsonl`` / ``summary.json`` as ``fedspa.train`` into
-``output-dir``. The server holds no data.
+``config.rounds`` rounds and writes the same files as ``fedspa.train`` (but the checkpoint) into ``output-dir``. The server holds no data.
 
 Run config (``--run-config``): ``config`` (a YAML/JSON file; empty: the defaults), ``overrides`` (space-separated
 ``key=value``), ``output-dir``, ``round-timeout`` (seconds to wait for replies).
@@ -16,7 +15,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import ExperimentConfig
-from ..train import summarize
+from ..train import TensorBoardLog, run_log, write_outputs
 from .strategy import FederatedStrategy
 
 app = ServerApp()
@@ -32,18 +31,22 @@ def load_run_config(context: Context) -> tuple[ExperimentConfig, Path, float]:
 
 
 def run_strategy(grid: Grid, config: ExperimentConfig, out: Path, round_timeout: float) -> FederatedStrategy:
-    """Runs the federation and writes its log; returns the strategy (its ``history``)."""
-    strategy = FederatedStrategy(config, round_timeout=round_timeout)
-    strategy.start(grid, ArrayRecord(), num_rounds=config.rounds, timeout=round_timeout)
+    """Runs the federation and writes what ``fedspa.train`` writes (``config.yaml``, ``metrics.jsonl``,
+    ``metrics.csv``, ``run.log``, the plots, ``summary.json`` last); returns the strategy (its ``history``)."""
     out.mkdir(parents=True, exist_ok=True)
-    config.save(out / "config.yaml")
-    with (out / "metrics.jsonl").open("w") as f:
-        for row in strategy.history:
-            f.write(json.dumps(row) + "\n")
-    summary = summarize(strategy.history, config)
-    partial = out / "summary.json.partial"  # renamed when complete: the launcher polls for summary.json
-    partial.write_text(json.dumps(summary, indent=2))
-    partial.replace(out / "summary.json")
+    with run_log(out):
+        strategy = FederatedStrategy(config, round_timeout=round_timeout)
+        strategy.start(grid, ArrayRecord(), num_rounds=config.rounds, timeout=round_timeout)
+        config.save(out / "config.yaml")
+        history = [{k: v for k, v in row.items() if k != "started"} for row in strategy.history]
+        with (out / "metrics.jsonl").open("w") as f:
+            for row in history:
+                f.write(json.dumps(row) + "\n")
+        board = TensorBoardLog(out, config.tensorboard)
+        for row in history:
+            board.add(row)
+        board.close()
+        write_outputs(history, config, out)  # summary.json last and whole: the launcher polls for it
     return strategy
 
 

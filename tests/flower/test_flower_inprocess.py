@@ -14,7 +14,7 @@ pytest.importorskip("flwr")
 from fedspa import comm  # noqa: E402
 from fedspa.config import ExperimentConfig  # noqa: E402
 from fedspa.flower.server_app import run_strategy  # noqa: E402
-from fedspa.train import run  # noqa: E402
+from fedspa.train import read_checkpoint, run  # noqa: E402
 from tests.flower.helpers import LocalGrid  # noqa: E402
 
 TINY = ["data.dataset=digits", "data.samples_per_client=250", "data.alpha=0.5", "clients=4", "client_fraction=0.5",
@@ -37,10 +37,16 @@ def test_flower_run_equals_the_single_process_run(tmp_path, algorithm, extra):
     reference = run(config, output_dir=tmp_path / "ref")
     assert [{k: h[k] for k in KEYS} for h in strategy.history] == [{k: h[k] for k in KEYS} for h in reference.history]
     assert all(not h["dropped"] for h in strategy.history)
-    ref_state = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)["server"]
+    ref_state = read_checkpoint(tmp_path / "ref" / "checkpoint.pt")["server"]
     for name, value in strategy.server.global_model.state_dict().items():
         assert torch.equal(value, ref_state["global"][name])
-    assert (tmp_path / "flower" / "metrics.jsonl").is_file() and (tmp_path / "flower" / "summary.json").is_file()
+    for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "summary.json", "run.log", "accuracy_vs_round.png",
+                 "accuracy_vs_bytes.png"):
+        assert (tmp_path / "flower" / name).is_file(), name
+    assert "round 3" in (tmp_path / "flower" / "run.log").read_text() or config.rounds < 3
+    if algorithm == "fedspa":
+        assert json.loads((tmp_path / "flower" / "summary.json").read_text())["final_mask_density"] == \
+            pytest.approx(0.3, abs=0.01)
 
 
 def test_downlinks_are_sparse_payloads(tmp_path):

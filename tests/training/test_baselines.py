@@ -7,7 +7,7 @@ import torch
 
 from fedspa.algorithms import names
 from fedspa.config import ExperimentConfig
-from fedspa.train import run
+from fedspa.train import read_checkpoint, run
 
 TINY = ["data.dataset=digits", "data.samples_per_client=250", "data.alpha=0.5", "clients=4", "client_fraction=1.0",
         "model.name=mlp", "model.width=8", "fedspa.density=0.3", "rounds=6", "local_epochs=4", "batch_size=25",
@@ -39,7 +39,7 @@ def test_payload_sizes_follow_what_each_method_shares(tmp_path):
 
 def test_sub_fedavg_prunes_down_to_its_target_and_stops(tmp_path):
     result = _run(tmp_path, "sub_fedavg", "rounds=8", "sub_fedavg.prune_rate=0.3")
-    state = torch.load(tmp_path / "sub_fedavg" / "checkpoint.pt", weights_only=True)["server"]
+    state = read_checkpoint(tmp_path / "sub_fedavg" / "checkpoint.pt")["server"]
     total = sum(m.numel() for m in state["masks"][0].values())
     nnz = sum(int(m.sum()) for m in state["masks"][0].values())
     assert nnz / total == pytest.approx(0.3, abs=0.01)  # reached the target density, never below
@@ -55,7 +55,7 @@ def test_sub_fedavg_schedule_reaches_the_target_density_by_prune_until(tmp_path)
     from fedspa.train import federation
 
     server = federation(ExperimentConfig.load(None, TINY + ["algorithm=sub_fedavg"])).server
-    state = torch.load(tmp_path / "sub_fedavg" / "checkpoint.pt", weights_only=True)["server"]
+    state = read_checkpoint(tmp_path / "sub_fedavg" / "checkpoint.pt")["server"]
     late = {k for h in result.history[3:] for k in h["sampled"]}  # sampled in rounds 4..8 (0-based 3..7)
     assert late
     for k in range(4):

@@ -11,7 +11,7 @@ from fedspa.cli import main
 from fedspa.config import ExperimentConfig
 from fedspa.data import federated_data
 from fedspa.device import resolve_device
-from fedspa.train import load_checkpoint, run
+from fedspa.train import load_checkpoint, read_checkpoint, run
 
 TINY = ["data.dataset=digits", "data.samples_per_client=120", "clients=3", "client_fraction=1.0", "model.name=cnn",
         "model.width=4", "fedspa.density=0.3", "rounds=2", "local_steps=2", "batch_size=16", "progress=false",
@@ -63,5 +63,5 @@ def test_a_checkpoint_resumes_on_any_device(tmp_path):
     assert load_checkpoint(tmp_path / "moved" / "checkpoint.pt", elsewhere)["round"] == 1
     resumed = run(elsewhere, output_dir=tmp_path / "moved", resume=True)
     assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in full.history])
-    saved = torch.load(tmp_path / "moved" / "checkpoint.pt", weights_only=True, map_location="cpu")
+    saved = read_checkpoint(tmp_path / "moved" / "checkpoint.pt")
     assert all(t.device.type == "cpu" for t in saved["server"]["global"].values())

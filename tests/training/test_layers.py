@@ -13,7 +13,7 @@ from fedspa.config import ExperimentConfig
 from fedspa.data import FederatedData, federated_data
 from fedspa.masks import density_of
 from fedspa.nn import apply_masks, mask_in_forward, masked_weight_values
-from fedspa.train import federation, run
+from fedspa.train import federation, read_checkpoint, run
 
 DIGITS = ["data.dataset=digits", "data.samples_per_client=250", "data.alpha=0.5", "clients=4", "client_fraction=1.0",
           "rounds=6", "local_epochs=3", "batch_size=25", "measure_memory=false", "progress=false",
@@ -73,7 +73,7 @@ def _token_data(clients: int = 4, per_client: int = 160, seed: int = 0) -> Feder
 
 
 def _server_state(result):
-    return torch.load(result.output_dir / "checkpoint.pt", weights_only=True)
+    return read_checkpoint(result.output_dir / "checkpoint.pt")
 
 
 # ------------------------------------------------------------------------------------------------------------------

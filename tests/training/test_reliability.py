@@ -20,7 +20,7 @@ from fedspa import comm
 from fedspa.algorithms.base import TrainMetrics, Upload
 from fedspa.cli import main
 from fedspa.config import ExperimentConfig
-from fedspa.train import CheckpointError, RunExistsError, federation, run
+from fedspa.train import CheckpointError, RunExistsError, federation, read_checkpoint, run
 
 TINY = ["data.dataset=digits", "data.samples_per_client=120", "clients=3", "client_fraction=1.0", "model.name=mlp",
         "model.width=4", "rounds=2", "local_steps=2", "batch_size=20", "fedspa.density=0.3", "measure_memory=false",
@@ -215,7 +215,7 @@ def test_a_refused_upload_leaves_the_server_state_unchanged_and_the_round_comple
         assert row["sampled"] == [0, 1, 2] and math.isfinite(row["train_loss"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert sorted(summary["dropped"]) == ["1", "2"]
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["server"]
+    state = read_checkpoint(tmp_path / "checkpoint.pt")["server"]
     assert all(torch.isfinite(v).all() for v in state["global"].values() if v.dtype.is_floating_point)
     assert state["server_knows_mask"][1] is False  # the mask it never delivered is sent again
 
@@ -443,7 +443,7 @@ def test_a_finished_run_can_be_extended_with_more_rounds(tmp_path):
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished")
     run(_config(), output_dir=out)
-    return out, torch.load(out / "checkpoint.pt", weights_only=True)
+    return out, read_checkpoint(out / "checkpoint.pt")
 
 
 def _set(state: dict, path: str, value) -> None:

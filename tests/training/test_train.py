@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedspa.config import ExperimentConfig
-from fedspa.train import CheckpointError, load_checkpoint, run
+from fedspa.train import CheckpointError, load_checkpoint, read_checkpoint, run
 
 TINY = ["data.dataset=digits", "data.samples_per_client=250", "data.alpha=0.5", "clients=4", "client_fraction=1.0",
         "model.name=mlp", "model.width=8", "fedspa.density=0.3", "rounds=8", "local_epochs=4", "batch_size=25",
@@ -50,7 +50,7 @@ def test_sparse_and_dense_masked_execution_compute_the_same_thing(tmp_path):
         assert a["acc_pooled"] == pytest.approx(b["acc_pooled"], abs=2.5e-3)  # at most a borderline sample
         assert a["flops"] < 0.5 * b["flops"]
     assert sparse.summary["peak_client_memory"] < dense.summary["peak_client_memory"]
-    checkpoints = [torch.load(p / "checkpoint.pt", weights_only=True)["server"] for p in
+    checkpoints = [read_checkpoint(p / "checkpoint.pt")["server"] for p in
                    (tmp_path / "sparse", tmp_path / "dense")]
     for name, value in checkpoints[0]["global"].items():
         torch.testing.assert_close(value, checkpoints[1]["global"][name], rtol=1e-3, atol=1e-4)
@@ -61,7 +61,7 @@ def test_sparse_and_dense_masked_execution_compute_the_same_thing(tmp_path):
 def test_fedspa_masks_keep_their_density_and_evolve(tmp_path):
     config = _config("rounds=3")
     run(config, output_dir=tmp_path)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state = read_checkpoint(tmp_path / "checkpoint.pt")
     from fedspa.train import federation
 
     initial = federation(config).server  # the masks every client starts from
@@ -92,8 +92,8 @@ def test_resume_repeats_an_uninterrupted_run_exactly(tmp_path, algorithm):
     assert len(killed.history) == 2
     resumed = run(config, output_dir=tmp_path / "resumed", resume=True)
     assert _semantic(resumed.history) == _semantic(full.history)
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["server"]
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["server"]
+    a = read_checkpoint(tmp_path / "full" / "checkpoint.pt")["server"]
+    b = read_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["server"]
     assert all(torch.equal(a["global"][n], b["global"][n]) for n in a["global"])
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2, 3, 4]
@@ -127,9 +127,69 @@ def test_a_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
     config = _config("rounds=2", "measure_memory=false")
     run(config, output_dir=tmp_path, stop_after=1)
     path = tmp_path / "checkpoint.pt"
-    state = torch.load(path, weights_only=True)
+    state = read_checkpoint(path)
     del state["config"]["fedspa"]["sparse_max_density"]  # as written before the field existed
     torch.save(state, path)
     assert load_checkpoint(path, config)["round"] == 1
     with pytest.raises(CheckpointError, match="fedspa.sparse_max_density: 0.5 in the checkpoint, 0.2 now"):
         load_checkpoint(path, _config("rounds=2", "measure_memory=false", "fedspa.sparse_max_density=0.2"))
+
+
+def test_the_run_folder_has_a_log_of_every_round(tmp_path, caplog):
+    run(_config("rounds=2", "measure_memory=false"), output_dir=tmp_path)
+    text = (tmp_path / "run.log").read_text()
+    assert "round 1: train_loss" in text and "round 2: train_loss" in text and "run finished" in text
+    assert "layer execution measured" not in text or "INFO" in text
+
+
+def test_tensorboard_logs_the_per_round_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run(_config("rounds=2", "measure_memory=false", "tensorboard=true"), output_dir=tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    for tag in ("train_loss", "acc_pooled", "bytes_up", "mask_density"):
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == [1, 2]
+        assert [s.value for s in scalars] == pytest.approx([h[tag] for h in result.history], rel=1e-6)
+
+
+def test_checkpoints_store_masks_as_bits(tmp_path):
+    """A client's mask costs numel / 8 bytes in checkpoint.pt (packed), not numel (bool); resuming unpacks it."""
+    config = _config("rounds=2", "measure_memory=false")
+    run(config, output_dir=tmp_path, stop_after=1)
+    raw = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    unpacked = read_checkpoint(tmp_path / "checkpoint.pt")
+    for k in range(4):
+        for name, packed in raw["server"]["masks"][k].items():
+            mask = unpacked["server"]["masks"][k][name]
+            assert mask.dtype == torch.bool and list(mask.shape) == packed["shape"]
+            assert packed["packed_bool"].dtype == torch.uint8
+            assert packed["packed_bool"].numel() == (mask.numel() + 7) // 8
+    mask_bits = sum(p["packed_bool"].numel() for masks in raw["server"]["masks"] for p in masks.values())
+    mask_numel = sum(m.numel() for masks in unpacked["server"]["masks"] for m in masks.values())
+    assert mask_bits * 8 < mask_numel + 8 * 4 * len(raw["server"]["masks"][0])
+    resumed = run(config, output_dir=tmp_path, resume=True)
+    assert len(resumed.history) == 2
+
+
+@pytest.mark.parametrize("damage,message", [("short", "needs"), ("stray", "sets bits past its end"),
+                                            ("shape", "has the shape")])
+def test_a_damaged_packed_mask_is_a_checkpoint_error(tmp_path, damage, message):
+    config = _config("rounds=2", "measure_memory=false")
+    run(config, output_dir=tmp_path, stop_after=1)
+    path = tmp_path / "checkpoint.pt"
+    raw = torch.load(path, weights_only=True)
+    packed = next(iter(raw["server"]["masks"][0].values()))
+    if damage == "short":
+        packed["packed_bool"] = packed["packed_bool"][:-1]
+    elif damage == "stray":  # 3 elements fewer in as many bytes: 3 bits of padding, the last one set
+        packed["shape"] = [torch.Size(packed["shape"]).numel() - 3]
+        assert packed["shape"][0] % 8 == 5
+        packed["packed_bool"][-1] |= 1
+    else:
+        packed["shape"] = [-1]
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError, match=message):
+        run(config, output_dir=tmp_path, resume=True)
