@@ -7,6 +7,10 @@ import json
 import sys
 
 
+# the overrides --help shows: a run that works as written (the test suite runs it)
+HELP_EXAMPLE = "rounds=20 fedspa.density=0.2 data.dataset=digits data.samples_per_client=150"
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -20,7 +24,15 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto (CUDA when available, the default), cpu, cuda or cuda:N; the same as "
                                          "the override device=...")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. rounds=50 fedspa.density=0.2 data.dataset=digits")
+                        help=f"config overrides, e.g. {HELP_EXAMPLE}")
+
+
+def _seconds(summary: dict) -> str:
+    """The round time: the median (the first round also measures layers and warms caches), and the total."""
+    median = summary.get("median_seconds_per_round")
+    if median is None:
+        return "no rounds"
+    return f"{median:.2f} s / round (median of {summary['rounds']}; {summary['train_seconds']:.1f} s training in all)"
 
 
 def _summary_lines(summary: dict) -> list[str]:
@@ -35,7 +47,7 @@ def _summary_lines(summary: dict) -> list[str]:
         f" best round {summary['best_round']}: {pct(summary['best_acc_pooled'])}",
         f"communicated: up {format_bytes(summary['bytes_up'])}, down {format_bytes(summary['bytes_down'])}",
         f"training FLOPs: {summary['training_flops'] / 1e9:.1f} G; peak client step memory: "
-        f"{format_bytes(summary['peak_client_memory'])}; {summary['seconds_per_round']:.2f} s / round",
+        f"{format_bytes(summary['peak_client_memory'])}; {_seconds(summary)}",
         f"results: {summary['output_dir']}",
     ]
 
@@ -51,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_arguments(train)
     replace = train.add_mutually_exclusive_group()
     replace.add_argument("--resume", action="store_true",
-                         help="continue the run in --output from its checkpoint (a larger rounds=N extends a "
-                              "finished run)")
+                         help="continue the run in --output from its checkpoint, with its config.yaml unless "
+                              "--config is given (a larger rounds=N extends a finished run)")
     replace.add_argument("--overwrite", action="store_true", help="replace the run in --output (its files only)")
 
     compare = sub.add_parser("compare", help="several algorithms on the same partition and seeds, one table")
@@ -61,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="comma-separated algorithm[:execution], or all (default: %(default)s)")
     compare.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated training seeds (default: 0)")
     compare.add_argument("--target", type=float, default=None,
-                         help="accuracy for 'MB to reach' (default: 0.95 x the lowest final accuracy)")
+                         help="accuracy (0-1) for 'rounds / MB to reach' (default: 0.9 x the median of the variants' "
+                              "final accuracies, rounded down to a whole percent)")
     compare.add_argument("--restart", action="store_true", help="start every run over instead of resuming")
 
     flower = sub.add_parser("flower", help="FedSpa on Flower: simulation engine or real processes on loopback")
@@ -74,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
                                  help="seconds the server waits for a round's replies")
         parser_mode.add_argument("--overwrite", action="store_true", help="replace the run in --output (its files)")
 
-    args = parser.parse_args(argv)
+    # overrides may come after options too (`train --output x rounds=5`): argparse takes one run of positionals
+    args, unknown = parser.parse_known_args(argv)
+    late = [u for u in unknown if "=" in u and not u.startswith("-")]
+    if len(late) != len(unknown) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(u for u in unknown if u not in late or not hasattr(args, 'overrides'))}")
+    if late:
+        args.overrides = [*args.overrides, *late]
     if args.command == "info":
         import fedspa_kernels as fk
 
@@ -89,7 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "resume", False) and not args.output:
             raise ValueError("--resume needs --output, the folder of the run to continue")
-        config = ExperimentConfig.load(args.config, args.overrides)
+        config_file = args.config
+        if getattr(args, "resume", False) and config_file is None:
+            from pathlib import Path
+
+            saved = Path(args.output) / "config.yaml"
+            if saved.is_file():  # the run's own config (as it was run), under any overrides given now
+                config_file = str(saved)
+        config = ExperimentConfig.load(config_file, args.overrides)
         from .device import resolve_device
 
         resolve_device(config.device)  # a device that is not there is a usage error, before any work

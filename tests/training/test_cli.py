@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fedspa.cli import main
-from fedspa.compare import Variant, bytes_to_accuracy
+from fedspa.compare import Variant, bytes_to_accuracy, default_target, rounds_to_accuracy
 
 TINY = ["data.dataset=digits", "data.samples_per_client=200", "clients=3", "client_fraction=1.0", "model.name=mlp",
         "model.width=4", "rounds=2", "local_steps=3", "fedspa.density=0.3", "measure_memory=false", "progress=false"]
@@ -33,7 +33,8 @@ def test_compare_writes_one_table_for_every_variant_and_seed(tmp_path, capsys):
     assert [r["variant"] for r in rows] == ["fedspa", "fedspa:dense_masked", "fedavg"]
     assert all(r["seeds"] == "2" for r in rows)
     assert float(rows[0]["bytes_total"]) < float(rows[2]["bytes_total"])
-    for name in ("comparison.md", "comparison.json", "accuracy_vs_round.png", "accuracy_vs_bytes.png"):
+    for name in ("comparison.md", "comparison.json", "accuracy_vs_round.png", "accuracy_vs_bytes.png",
+                 "accuracy_vs_flops.png"):
         assert (tmp_path / name).is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
         "fedavg_seed0", "fedavg_seed1", "fedspa_dense_masked_seed0", "fedspa_dense_masked_seed1", "fedspa_seed0",
@@ -43,8 +44,9 @@ def test_compare_writes_one_table_for_every_variant_and_seed(tmp_path, capsys):
 
 
 def test_bytes_to_accuracy():
-    history = [{"bytes_up": 10, "bytes_down": 5, "acc_pooled": 0.2}, {"bytes_up": 10, "bytes_down": 5},
-               {"bytes_up": 10, "bytes_down": 5, "acc_pooled": 0.6}]
+    history = [{"round": 1, "bytes_up": 10, "bytes_down": 5, "acc_pooled": 0.2},
+               {"round": 2, "bytes_up": 10, "bytes_down": 5},
+               {"round": 3, "bytes_up": 10, "bytes_down": 5, "acc_pooled": 0.6}]
     assert bytes_to_accuracy(history, 0.5) == 45
     assert bytes_to_accuracy(history, 0.1) == 15
     assert bytes_to_accuracy(history, 0.9) is None
@@ -84,3 +86,56 @@ def test_all_expands_to_every_algorithm():
     assert variants[0] == "fedavg" and len(variants) == len(set(variants)) == len(names()) + 2
     assert {Variant.parse(v).algorithm for v in variants} == set(names())
     assert "fedspa:dense_masked" in variants and "sub_fedavg:dense_masked" in variants
+
+
+def test_the_help_example_runs_as_written(tmp_path, capsys):
+    from fedspa.cli import HELP_EXAMPLE
+
+    overrides = [o for o in HELP_EXAMPLE.split() if not o.startswith("rounds=")]
+    assert main(["train", "--output", str(tmp_path / "run"), *overrides, "rounds=1", "progress=false",
+                 "measure_memory=false"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"] == 1
+
+
+def test_too_few_samples_says_what_would_fit(tmp_path, capsys):
+    assert main(["train", "--output", str(tmp_path / "run"), "data.dataset=digits", "rounds=1"]) == 2
+    err = capsys.readouterr().err
+    assert "needs 6000 samples, the dataset has 1797" in err and "data.samples_per_client=179 or less" in err
+    assert "Traceback" not in err
+
+
+def test_the_printed_round_time_is_the_median(tmp_path, capsys):
+    assert main(["train", "--output", str(tmp_path / "run"), *TINY, "rounds=3"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert f"{summary['median_seconds_per_round']:.2f} s / round (median of 3;" in out
+
+
+def test_the_default_target_is_a_whole_percent_most_variants_reach():
+    assert default_target([0.90, 0.80, 0.245]) == 0.72  # 0.9 x the median 0.80, not 0.95 x the worst (0.233)
+    assert default_target([0.9137]) == 0.82
+    history = [{"round": 1, "bytes_up": 10, "bytes_down": 5, "acc_pooled": 0.5},
+               {"round": 2, "bytes_up": 10, "bytes_down": 5},
+               {"round": 3, "bytes_up": 10, "bytes_down": 5, "acc_pooled": 0.8}]
+    assert rounds_to_accuracy(history, 0.7) == 3 and bytes_to_accuracy(history, 0.7) == 45
+    assert rounds_to_accuracy(history, 0.9) is None
+
+
+def test_the_comparison_table_names_the_target_in_percent(tmp_path, capsys):
+    assert main(["compare", "--output", str(tmp_path), "--variants", "fedavg,local", "--target", "0.99",
+                 *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "rounds to 99% | MB to 99%" in out and "- (0/1 seeds)" in out
+
+
+def test_overrides_may_follow_options_and_resume_reads_the_runs_config(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    rest = [t for t in TINY if not t.startswith(("rounds=", "fedspa.density="))]
+    assert main(["train", "rounds=1", "--output", out, *rest, "fedspa.density=0.2"]) == 0
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["rounds"] == 1 and saved["density"] == 0.2
+    # no --config: the run's own config.yaml (density 0.2), not the defaults (which a checkpoint would refuse)
+    assert main(["train", "--output", out, "--resume", "rounds=2"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"] == 2
+    with pytest.raises(SystemExit):
+        main(["train", "--output", out, "--bogus"])
