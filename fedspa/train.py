@@ -553,6 +553,7 @@ def run(config: ExperimentConfig, *, model_fn: Callable[[], nn.Module] | None = 
     out = Path(output_dir) if output_dir is not None else default_output(config, config.name)
     prepare_output(out, resume=resume, overwrite=overwrite)
     with run_log(out):
+        board = TensorBoardLog(out, config.tensorboard)  # before any file: a missing package leaves no run behind
         checkpoint = out / "checkpoint.pt"
         setup = fed.setup()
 
@@ -580,7 +581,6 @@ def run(config: ExperimentConfig, *, model_fn: Callable[[], nn.Module] | None = 
         show = config.progress if config.progress is not None else sys.stderr.isatty()
         last = config.rounds if stop_after is None else min(config.rounds, stop_after)
         bar = tqdm(range(start, last), desc=config.name, disable=not show, initial=start, total=config.rounds)
-        board = TensorBoardLog(out, config.tensorboard)
         _log.info("run %s: %s, rounds %d to %d of %d", out, config.algorithm, start + 1, config.rounds if stop_after
                   is None else min(config.rounds, stop_after), config.rounds)
         with (out / "metrics.jsonl").open("w") as log:

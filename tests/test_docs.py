@@ -31,3 +31,35 @@ def test_the_examples_run_as_written(tmp_path, doc, marked_only):
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, f"{doc} examples failed:\n{done.stdout}\n{done.stderr}"
+
+
+TINY = ["data.dataset=digits", "data.samples_per_client=50", "clients=4", "model.name=mlp", "model.width=4",
+        "rounds=1", "progress=false", "measure_memory=false"]
+
+
+def _commands(path: Path) -> list[str]:
+    """The `fedspa ...` lines of every bash block of `path`, without their comments."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+        lines += [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("fedspa ")]
+    return lines
+
+
+def test_the_readme_commands_run_as_written(tmp_path):
+    """Every `fedspa` command of the README, as written, with tiny settings appended (later overrides win; a
+    second --seeds keeps a comparison to one seed) and its runs folder in a temporary place."""
+    commands = _commands(REPO / "README.md")
+    assert any("--resume" in c for c in commands) and any(c.startswith("fedspa flower") for c in commands)
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    for command in commands:
+        args = command.split()[1:]
+        extra = TINY + (["--seeds", "0"] if args[0] == "compare" else [])
+        if "--resume" in args:  # it continues the run the line before wrote: its own config, one round more
+            extra = ["rounds=2"]
+        elif "--output" not in args and args[0] != "flower":
+            args += ["--output", f"runs/{args[0]}"]
+        if args[0] == "flower":
+            args += ["--output", "runs/flower"]
+        done = subprocess.run([sys.executable, "-m", "fedspa.cli", *args, *extra], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert done.returncode == 0, f"{command}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

@@ -60,8 +60,13 @@ def test_deploy_drops_a_crashed_and_a_malformed_client(tmp_path):
 @pytest.mark.timeout(600)
 def test_simulation_engine_equals_the_single_process_run(tmp_path, capsys):
     pytest.importorskip("ray")
-    assert main(["flower", "simulate", "--output", str(tmp_path / "sim"), *TINY]) == 0  # `fedspa flower simulate`
-    assert "personalized accuracy (pooled)" in capsys.readouterr().out
+    # `fedspa flower simulate`, memory measured (the first sampled client each round, as fedspa train does)
+    assert main(["flower", "simulate", "--output", str(tmp_path / "sim"), *TINY, "measure_memory=true"]) == 0
+    out = capsys.readouterr().out
+    assert "personalized accuracy (pooled)" in out and "peak client step memory: -" not in out
+    for name in ("metrics.csv", "run.log", "accuracy_vs_round.png", "accuracy_vs_bytes.png"):
+        assert (tmp_path / "sim" / name).is_file(), name
+    assert json.loads((tmp_path / "sim" / "summary.json").read_text())["peak_client_memory"] > 0
     reference = run(ExperimentConfig.load(None, TINY), output_dir=tmp_path / "ref")
     flower = _history(tmp_path / "sim")
     assert [{k: h[k] for k in COMPARED} for h in flower] == [{k: h[k] for k in COMPARED} for h in reference.history]
