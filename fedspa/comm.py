@@ -106,6 +106,13 @@ def encode_entries(entries: Sequence[Entry]) -> bytes:
     return b"".join(parts)
 
 
+def unpack_bits(packed: np.ndarray, numel: int) -> np.ndarray:
+    """The `numel` bits (uint8 0/1) of ``np.packbits`` output; ValueError if a padding bit past `numel` is set."""
+    if numel % 8 and packed[-1] & (0xFF >> (numel % 8)):
+        raise ValueError(f"the bitmap sets bits past its {numel} elements")
+    return np.unpackbits(packed, count=numel)
+
+
 def _body_size(kind: int, numel: int, count: int) -> int:
     positions = (numel + 7) // 8 if kind == BITMAP else 4 * count if kind == INDICES else 0
     return positions + 4 * count
@@ -183,10 +190,10 @@ def _decode(payload, known_positions, expect) -> list[Entry]:
         positions = None
         if kind == BITMAP:
             nbytes = (numel + 7) // 8
-            packed = np.frombuffer(buffer, np.uint8, nbytes, offset)
-            if numel % 8 and packed[-1] & (0xFF >> (numel % 8)):
-                raise ValueError(f"tensor {index}: the bitmap sets bits past its {numel} elements")
-            bits = np.unpackbits(packed)  # one byte per element of the tensor: what its own size allows
+            try:  # one byte per element of the tensor: what its own size allows
+                bits = unpack_bits(np.frombuffer(buffer, np.uint8, nbytes, offset), numel)
+            except ValueError as exc:
+                raise ValueError(f"tensor {index}: {exc}") from None
             if int(bits.sum()) != n:  # counted before any position is materialized
                 raise ValueError(f"tensor {index}: the bitmap marks {int(bits.sum())} positions for {n} values")
             positions = torch.from_numpy(np.flatnonzero(bits))

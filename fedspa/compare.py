@@ -130,9 +130,9 @@ def _row(label: str, results: list[RunResult], target: float) -> dict:
     best = [s["best_acc_pooled"] for s in summaries]
     client_std = [s["final_acc_std"] for s in summaries]
     client_mean = [s["final_acc_mean"] for s in summaries]
-    reach = [bytes_to_accuracy(r.history, target) for r in results]
-    reached = [b for b in reach if b is not None]
-    reach_rounds = [rounds_to_accuracy(r.history, target) for r in results]
+    reach = [_reach(r.history, target) for r in results]  # (round, bytes) per seed, None if never reached
+    reached = [b for _, b in filter(None, reach)]
+    reach_rounds = [float(t) for t, _ in filter(None, reach)]
     rounds = [s["rounds"] for s in summaries]
     clients_trained = [sum(len(h["sampled"]) for h in r.history) for r in results]
     return {
@@ -147,8 +147,7 @@ def _row(label: str, results: list[RunResult], target: float) -> dict:
         "bytes_up": _mean_std([s["bytes_up"] for s in summaries])[0],
         "bytes_down": _mean_std([s["bytes_down"] for s in summaries])[0],
         "bytes_to_target": _mean_std(reached)[0] if len(reached) == len(reach) else None,
-        "rounds_to_target": _mean_std([float(r) for r in reach_rounds if r is not None])[0]
-        if len(reached) == len(reach) else None,
+        "rounds_to_target": _mean_std(reach_rounds)[0] if len(reached) == len(reach) else None,
         "seeds_reaching_target": len(reached),
         "training_flops": _mean_std([s["training_flops"] for s in summaries])[0],
         "flops_per_client_round": _mean_std([s["training_flops"] / max(c, 1)

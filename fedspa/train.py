@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, comm
 from .algorithms import registry
 from .algorithms.base import Client, LossFn, ModelFactory, Server, TrainMetrics, Upload
 from .config import CUSTOM, ExperimentConfig, flatten
@@ -247,9 +247,10 @@ def _unpack(value: object, where: str = "checkpoint") -> object:
         if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.dim() != 1 \
                 or bits.numel() != (numel + 7) // 8:
             raise ValueError(f"{where}: a packed mask of shape {shape} needs {(numel + 7) // 8} uint8 bytes")
-        flat = np.unpackbits(bits.numpy(), count=numel) if numel else np.zeros(0, np.uint8)
-        if numel % 8 and int(bits[-1]) & (0xFF >> (numel % 8)):
-            raise ValueError(f"{where}: a packed mask of shape {shape} sets bits past its end")
+        try:
+            flat = comm.unpack_bits(bits.numpy(), numel) if numel else np.zeros(0, np.uint8)
+        except ValueError:
+            raise ValueError(f"{where}: a packed mask of shape {shape} sets bits past its end") from None
         return torch.from_numpy(flat.astype(bool)).reshape(shape)
     if isinstance(value, dict):
         return {k: _unpack(v, f"{where}.{k}") for k, v in value.items()}
