@@ -89,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # overrides may come after options too (`train --output x rounds=5`): argparse takes one run of positionals
     args, unknown = parser.parse_known_args(argv)
-    late = [u for u in unknown if "=" in u and not u.startswith("-")]
-    if len(late) != len(unknown) or (late and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(u for u in unknown if u not in late or not hasattr(args, 'overrides'))}")
-    if late:
-        args.overrides = [*args.overrides, *late]
+    if unknown:
+        stray = [u for u in unknown if "=" not in u or u.startswith("-")] if hasattr(args, "overrides") else unknown
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        args.overrides = [*args.overrides, *unknown]
     if args.command == "info":
         import fedspa_kernels as fk
 
