@@ -24,8 +24,9 @@ def style(index: int) -> dict:
     """Line keyword arguments for the `index`-th method of a figure: earlier methods are drawn wider and every
     other one with hollow markers, so a curve lying exactly on another (sparse vs dense-masked execution of the
     same math) still shows."""
-    return {"color": _COLOURS[index % len(_COLOURS)], "linestyle": _LINES[index % len(_LINES)],
-            "marker": _MARKERS[index % len(_MARKERS)], "markersize": 6 - (index % 2) * 1.5,
+    turn = index + index // len(_COLOURS)  # after every colour once, line style and marker move on by one
+    return {"color": _COLOURS[index % len(_COLOURS)], "linestyle": _LINES[turn % len(_LINES)],
+            "marker": _MARKERS[turn % len(_MARKERS)], "markersize": 6 - (index % 2) * 1.5,
             "linewidth": max(1.2, 3.0 - 0.6 * index), **({"markerfacecolor": "none"} if index % 2 else {})}
 
 
@@ -49,7 +50,7 @@ def _pyplot():
     return plt
 
 
-def _finish(fig, ax, x: str, title: str, path: Path) -> None:
+def _finish(fig, ax, x: str, title: str, path: Path, note: str = "") -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     if x == "round":
@@ -64,7 +65,7 @@ def _finish(fig, ax, x: str, title: str, path: Path) -> None:
             ax.xaxis.set_major_locator(LogLocator(base=10, numticks=10))
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel(_AXES[x])
+    ax.set_xlabel(_AXES[x] + (f"\n{note}" if note else ""))
     ax.set_ylabel("personalized test accuracy (pooled)")
     ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]), top=min(1.0, ax.get_ylim()[1]))
     ax.grid(alpha=0.3, which="major")
@@ -136,11 +137,9 @@ def plot_comparison(runs: Mapping[str, Sequence[Sequence[Mapping]]], out: Path, 
             if len(histories) > 1:
                 ax.fill_between(xs, np.clip(ys.min(0), 0, 1), np.clip(ys.max(0), 0, 1), alpha=0.12,
                                 color=style(index)["color"])
-        if silent:
-            ax.text(0.01, 0.01, f"not shown (nothing communicated): {', '.join(silent)}", transform=ax.transAxes,
-                    fontsize="x-small", color="0.35")
         spread = f"\nmean and min-max over {seeds} seeds" if seeds > 1 else ""
         path = out / f"accuracy_vs_{x}.png"
-        _finish(fig, ax, x, f"{setting(config)}{spread}", path)
+        note = f"not shown (nothing communicated): {', '.join(silent)}" if silent else ""
+        _finish(fig, ax, x, f"{setting(config)}{spread}", path, note)
         written.append(path)
     return written
