@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     compare = sub.add_parser("compare", help="several algorithms on the same partition and seeds, one table")
     _add_config_arguments(compare)
     compare.add_argument("--variants", default="fedspa,fedspa:dense_masked,fedavg",
-                         help="comma-separated algorithm[:execution], or all (default: %(default)s)")
+                         help="comma-separated algorithm[:execution][+key=value...] (the overrides apply to that "
+                              "variant alone, e.g. fedspa+fedspa.regrowth=gradient), or all (default: %(default)s)")
     compare.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated training seeds (default: 0)")
     compare.add_argument("--target", type=float, default=None,
                          help="accuracy (0-1) for 'rounds / MB to reach' (default: 0.9 x the median of the variants' "

@@ -1,8 +1,10 @@
 """Several algorithms on the same partition and seeds: one table (markdown + CSV + JSON) and plots.
 
 A variant is ``algorithm`` or ``algorithm:execution`` (``fedspa:dense_masked``: FedSpa's masks and updates on dense
-weights times the mask; any registered algorithm with execution modes has them). Every run lands in ``<output>/<variant>_seed<k>/`` (a full ``fedspa.train`` folder); a
-comparison that was interrupted resumes its unfinished runs from their checkpoints.
+weights times the mask; any registered algorithm with execution modes has them), optionally followed by
+``+key=value`` overrides of the shared config for that variant alone (``fedspa+fedspa.regrowth=gradient``: an
+ablation). Every run lands in ``<output>/<variant>_seed<k>/`` (a full ``fedspa.train`` folder); a comparison that was
+interrupted resumes its unfinished runs from their checkpoints.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import csv
 import datetime as _dt
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .algorithms import registry
-from .config import ExperimentConfig
+from .config import ExperimentConfig, parse_override
 from .plots import plot_comparison
 from .train import RunResult, run
 
@@ -43,20 +46,38 @@ def expand_variants(specs: list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
+# what a variant's overrides may not set: the variant itself says them (or compare does, per seed)
+_NOT_OVERRIDDEN = ("algorithm", "seed", "name", "output_dir", "fedspa.execution")
+
+
 @dataclass
 class Variant:
-    """One column of the comparison: an algorithm and, for FedSpa, how it executes."""
+    """One column of the comparison: an algorithm, for FedSpa how it executes, and its own config overrides."""
 
     algorithm: str
     execution: str = "sparse"
+    overrides: tuple[str, ...] = ()  # "key=value", applied to the shared config for this variant alone
 
     @property
     def label(self) -> str:
-        return self.algorithm if self.execution == "sparse" else f"{self.algorithm}:{self.execution}"
+        base = self.algorithm if self.execution == "sparse" else f"{self.algorithm}:{self.execution}"
+        return "+".join((base, *self.overrides))
+
+    @property
+    def folder_prefix(self) -> str:
+        """The label as a run name: characters a folder name may not hold become '-'."""
+        return re.sub(r"[^A-Za-z0-9._+-]", "-", self.label.replace(":", "_"))
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
-        algorithm, _, execution = spec.strip().partition(":")
+        head, *overrides = spec.strip().split("+")
+        overrides = tuple(o.strip() for o in overrides)
+        for item in overrides:
+            key, value = parse_override(item)  # ValueError for anything that is not key=value
+            if key in _NOT_OVERRIDDEN:
+                raise ValueError(f"variant {spec!r}: {key} is not a per-variant override (write the variant as "
+                                 "algorithm[:execution]; seeds and the output folder belong to the comparison)")
+        algorithm, _, execution = head.strip().partition(":")
         if algorithm not in registry.names():
             raise ValueError(f"unknown algorithm {algorithm!r} in variant {spec!r}; choose from "
                              f"{', '.join(registry.names())}")
@@ -66,15 +87,22 @@ class Variant:
         execution = execution or (executions[0] if executions else "sparse")
         if executions and execution not in executions:
             raise ValueError(f"unknown execution {execution!r} in variant {spec!r}; choose from {', '.join(executions)}")
-        return cls(algorithm, execution)
+        return cls(algorithm, execution, overrides)
 
     def configure(self, base: ExperimentConfig, seed: int) -> ExperimentConfig:
-        config = copy.deepcopy(base)
+        """The config of this variant's run with `seed` (ValueError naming the variant for a bad override)."""
+        try:
+            config = base.overridden(list(self.overrides)) if self.overrides else copy.deepcopy(base)
+        except ValueError as exc:
+            raise ValueError(f"variant {self.label!r}: {exc}") from None
         config.algorithm = self.algorithm
         if registry.get(self.algorithm).executions:
             config.fedspa.execution = self.execution
         config.seed = seed
-        config.name = f"{self.label.replace(':', '_')}_seed{seed}"
+        config.name = f"{self.folder_prefix}_seed{seed}"
+        if len(config.name) > 100:
+            raise ValueError(f"variant {self.label!r} is too long to name its run folders ({len(config.name)} > 100 "
+                             "characters with the seed): put the overrides every variant shares in the config")
         return config.validate()
 
 
@@ -171,10 +199,11 @@ def _reached(row: dict, key: str, scale: float) -> str:
     return f"- ({row['seeds_reaching_target']}/{row['seeds']} seeds)"
 
 
-def format_table(rows: list[dict], target: float) -> str:
-    """The comparison as a markdown table."""
+def format_table(rows: list[dict], target: float, evaluated_on: str = "test") -> str:
+    """The comparison as a markdown table (accuracies on the clients' `evaluated_on` split)."""
     level = f"{100 * target:.0f}%" if not math.isnan(target) else "-"
-    head = ("| variant | seeds | personalized acc. % (final, pooled) | mean ± std over clients | best | "
+    split = "" if evaluated_on == "test" else f", on {evaluated_on}"
+    head = (f"| variant | seeds | personalized acc. % (final, pooled{split}) | mean ± std over clients | best | "
             f"MB up+down | rounds to {level} | MB to {level} | training GFLOP / client-round | peak client MB | "
             "s / round (median) |\n"
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
@@ -225,7 +254,7 @@ def compare(config: ExperimentConfig, variants: list[str] | tuple[str, ...] = DE
         target_accuracy = default_target([_mean_std([r.summary["final_acc_pooled"] for r in results])[0]
                                           for results in runs.values()])
     rows = [_row(label, results, target_accuracy) for label, results in runs.items()]
-    markdown = format_table(rows, target_accuracy)
+    markdown = format_table(rows, target_accuracy, config.data.evaluate_on)
     (out / "comparison.md").write_text(markdown)
     with (out / "comparison.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -26,6 +26,7 @@ import yaml
 
 DATASETS = ("fashion_mnist", "mnist", "emnist", "femnist", "cifar10", "cifar100", "digits", "synthetic", "custom")
 PARTITIONS = ("dirichlet", "pathological", "iid", "natural")
+EVALUATION_SPLITS = ("test", "validation")
 MODELS = ("mlp", "cnn", "resnet18", "custom")
 NORM_LAYERS = ("shared", "local")
 CUSTOM = "custom"  # model.name / data.dataset of a run given its own model_fn / data
@@ -82,6 +83,10 @@ class DataConfig:
     classes_per_client: int = 2  # pathological partition
     samples_per_client: int | None = 600  # None: split the whole pool
     test_fraction: float = 0.2  # each client's own test split, same label mix as its training data
+    # validation: the test split is set aside unread and every personal model is evaluated on validation_fraction
+    # of the client's training data instead (choose hyper-parameters this way, never on the test split)
+    evaluate_on: str = "test"
+    validation_fraction: float = 0.2
     seed: int = 0  # the partition's own seed
 
 
@@ -165,6 +170,9 @@ class ExperimentConfig:
             raise ValueError(f"client_fraction must lie in (0, 1], got {self.client_fraction}")
         if not 0.0 < self.data.test_fraction < 1.0:
             raise ValueError(f"data.test_fraction must lie in (0, 1), got {self.data.test_fraction}")
+        _choice("data.evaluate_on", self.data.evaluate_on, EVALUATION_SPLITS)
+        if not 0.0 < self.data.validation_fraction < 1.0:
+            raise ValueError(f"data.validation_fraction must lie in (0, 1), got {self.data.validation_fraction}")
         if (self.data.partition == "natural") != (self.data.dataset == "femnist") and self.data.dataset != CUSTOM:
             raise ValueError("data.partition=natural (one client per writer) goes with data.dataset=femnist, and "
                              f"femnist only with it; got {self.data.dataset} with {self.data.partition}")
@@ -256,21 +264,38 @@ class ExperimentConfig:
                                  f"{_one_line(exc)}") from None
             if not isinstance(values, dict):
                 raise ValueError(f"config file {p} must hold a mapping at the top level")
-        for item in overrides or []:
-            if "=" not in item:
-                raise ValueError(f"override {item!r} must look like key=value (e.g. fedspa.density=0.2)")
-            key, raw = item.split("=", 1)
-            node = values
-            parts = key.strip().split(".")
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ValueError(f"override {item!r}: {part} is not a section")
-            try:
-                node[parts[-1]] = yaml.safe_load(raw)
-            except yaml.YAMLError as exc:
-                raise ValueError(f"override {item!r}: the value is not valid YAML: {_one_line(exc)}") from None
+        apply_overrides(values, overrides or [])
         return cls.from_dict(values).validate()
+
+    def overridden(self, overrides: list[str]) -> ExperimentConfig:
+        """A copy with ``dotted.key=value`` overrides applied (checked as :meth:`load` checks them)."""
+        values = self.to_dict()
+        apply_overrides(values, overrides)
+        return type(self).from_dict(values).validate()
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"fedspa.density=0.2"`` -> ``("fedspa.density", 0.2)`` (the value parsed as YAML)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key=value (e.g. fedspa.density=0.2)")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"override {item!r}: the value is not valid YAML: {_one_line(exc)}") from None
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> None:
+    """Sets every ``dotted.key=value`` of `overrides` in the nested dict `values`, in place."""
+    for item in overrides:
+        key, value = parse_override(item)
+        node = values
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
 
 
 def _one_line(exc: Exception) -> str:

@@ -54,7 +54,10 @@ class Pool:
 
 @dataclass
 class ClientData:
-    """One client's own data: inputs (any shape and dtype: images, features, token ids) and int64 labels."""
+    """One client's own data: inputs (any shape and dtype: images, features, token ids) and int64 labels.
+
+    ``test_x`` / ``test_y`` are what the client's personal model is evaluated on: its test split, or with
+    ``data.evaluate_on = validation`` a validation split carved from its training data."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -521,6 +524,17 @@ def _split(indices: np.ndarray, labels: np.ndarray, test_fraction: float,
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
+def _evaluation_split(train: np.ndarray, test: np.ndarray, labels: np.ndarray, config: DataConfig,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(training samples, evaluated samples, partition record) of one client: its test split, or with
+    ``evaluate_on = validation`` a stratified validation_fraction of its training samples (the test split is then
+    set aside and never read)."""
+    if config.evaluate_on != "validation":
+        return train, test, {"train": train.tolist(), "test": test.tolist()}
+    kept, validation = _split(train, labels, config.validation_fraction, rng)
+    return kept, validation, {"train": kept.tolist(), "validation": validation.tolist(), "test": test.tolist()}
+
+
 # what each dataset is, without loading it: (input shape, classes)
 DATASET_INFO = {
     "fashion_mnist": ((1, 28, 28), 10), "mnist": ((1, 28, 28), 10), "emnist": ((1, 28, 28), 47),
@@ -547,24 +561,35 @@ def federated_data(config: DataConfig, clients: int, only: int | None = None) ->
         raise ValueError(f"client {only} is not one of the {clients} clients")
     input_shape, num_classes = dataset_info(config)
     rng = np.random.default_rng(config.seed + 1)
+    validation_rng = np.random.default_rng(config.seed + 2)  # its own: the test splits stay those of evaluate_on=test
     keep = (lambda k: True) if only is None else (lambda k: k == only)
-    out, record = [], {"dataset": config.dataset, "partition": config.partition, "clients": []}
+    out, record = [], {"dataset": config.dataset, "partition": config.partition,
+                       "evaluated_on": config.evaluate_on, "clients": []}
     if config.dataset == "synthetic":
         parts = synthetic(clients, samples_per_client=config.samples_per_client or 200, seed=config.seed)
         record["partition"] = "synthetic"
         for k, (x, y) in enumerate(parts):
             idx = np.arange(len(y))
             train, test = _split(idx, y.numpy(), config.test_fraction, rng)
+            train, evaluated, entry = _evaluation_split(train, test, y.numpy(), config, validation_rng)
             if keep(k):
-                out.append(ClientData(x[train], y[train], x[test], y[test]))
-            record["clients"].append({"train": train.tolist(), "test": test.tolist()})
+                out.append(ClientData(x[train], y[train], x[evaluated], y[evaluated]))
+            record["clients"].append(entry)
     elif config.dataset == "femnist":
         writers = load_femnist(config.root, clients)
         for k, w in enumerate(writers):
+            train_x, train_y, test_x, test_y = (torch.from_numpy(a).unsqueeze(1) if a.ndim == 3 else
+                                                torch.from_numpy(a) for a in w[1:])
+            entry = {"writer": w[0]}
+            if config.evaluate_on == "validation":  # the writer's own test samples are set aside
+                train, validation = _split(np.arange(len(train_y)), train_y.numpy(), config.validation_fraction,
+                                           validation_rng)
+                train_x, train_y, test_x, test_y = train_x[train], train_y[train], train_x[validation], \
+                    train_y[validation]
+                entry.update({"train": train.tolist(), "validation": validation.tolist()})
             if keep(k):
-                out.append(ClientData(*(torch.from_numpy(a).unsqueeze(1) if a.ndim == 3 else torch.from_numpy(a)
-                                        for a in w[1:])))
-            record["clients"].append({"writer": w[0]})
+                out.append(ClientData(train_x, train_y, test_x, test_y))
+            record["clients"].append(entry)
     else:
         pool = load_pool(config)
         labels = pool.y.numpy()
@@ -573,14 +598,16 @@ def federated_data(config: DataConfig, clients: int, only: int | None = None) ->
                              "classes")
         for k, indices in enumerate(partition(labels, clients, config, num_classes)):
             train, test = _split(indices, labels, config.test_fraction, rng)
+            train, evaluated, entry = _evaluation_split(train, test, labels, config, validation_rng)
             if keep(k):
-                out.append(ClientData(pool.x[train], pool.y[train], pool.x[test], pool.y[test]))
-            record["clients"].append({"train": train.tolist(), "test": test.tolist()})
+                out.append(ClientData(pool.x[train], pool.y[train], pool.x[evaluated], pool.y[evaluated]))
+            record["clients"].append(entry)
         del pool
     if out and tuple(out[0].train_x.shape[1:]) != input_shape:
         raise ValueError(f"{config.dataset}: samples of shape {tuple(out[0].train_x.shape[1:])}, expected "
                          f"{input_shape}")
-    description = {"name": config.dataset, "source": "config", "partition": record["partition"]}
+    description = {"name": config.dataset, "source": "config", "partition": record["partition"],
+                   "evaluated_on": config.evaluate_on}
     return FederatedData(out, num_classes, description, record)
 
 

@@ -187,6 +187,9 @@ def federation(config: ExperimentConfig, *, model_fn: Callable[[], nn.Module] | 
         if not isinstance(data, FederatedData):
             raise TypeError(f"data must be a fedspa.data.FederatedData, got {type(data).__name__}")
         data.check()
+        if config.data.evaluate_on != "test":
+            raise ValueError("data.evaluate_on=validation carves validation splits from the configured dataset; "
+                             "with your own data, pass each client's validation set as its test set")
         config.data = type(config.data)(dataset=CUSTOM)
         config.clients = len(data.clients)
     if model_fn is None:
@@ -421,6 +424,7 @@ def summarize(history: list[dict], config: ExperimentConfig) -> dict:
         "algorithm": config.algorithm,
         **registry.get(config.algorithm).describe(config),
         "rounds": len(history),
+        "evaluated_on": config.data.evaluate_on,
         "final_round": last.get("round"),
         "final_acc_pooled": last.get("acc_pooled"),
         "final_acc_mean": last.get("acc_mean"),

@@ -228,3 +228,33 @@ def test_malformed_femnist_writer_data_is_a_clear_error(x, y, message, tmp_path)
         (tmp_path / split / "all_data_0.json").write_text(json.dumps(blob))
     with pytest.raises(ValueError, match=message):
         federated_data(DataConfig(dataset="femnist", partition="natural", root=str(tmp_path)), 1)
+
+
+@pytest.mark.parametrize("dataset", ["digits", "synthetic"])
+def test_evaluate_on_validation_carves_from_training_data_and_never_reads_the_test_split(dataset):
+    common = dict(dataset=dataset, partition="dirichlet", alpha=0.5, samples_per_client=150, test_fraction=0.2)
+    tested = federated_data(DataConfig(**common), 5)
+    validated = federated_data(DataConfig(**common, evaluate_on="validation", validation_fraction=0.25), 5)
+    assert validated.description["evaluated_on"] == "validation" and tested.description["evaluated_on"] == "test"
+    for k, (t, v) in enumerate(zip(tested.clients, validated.clients)):
+        record = validated.partition["clients"][k]
+        # the validation samples come out of the client's training samples; the test split is left alone
+        assert sorted(record["train"] + record["validation"]) == tested.partition["clients"][k]["train"]
+        assert record["test"] == tested.partition["clients"][k]["test"]
+        assert not set(record["validation"]) & set(record["test"])
+        assert v.num_train + v.test_y.numel() == t.num_train
+        assert abs(v.test_y.numel() - 0.25 * t.num_train) <= len(np.unique(t.train_y.numpy()))  # per-class rounding
+        # what the client evaluates on is none of its test samples, and none of what it trains on
+        test_rows = {tuple(row.tolist()) for row in t.test_x.reshape(len(t.test_x), -1)}
+        train_rows = {tuple(row.tolist()) for row in v.train_x.reshape(len(v.train_x), -1)}
+        evaluated = [tuple(row.tolist()) for row in v.test_x.reshape(len(v.test_x), -1)]
+        assert not any(row in test_rows or row in train_rows for row in evaluated)
+
+
+def test_validation_settings_are_checked():
+    from fedspa.config import ExperimentConfig
+
+    with pytest.raises(ValueError, match="data.evaluate_on must be one of test, validation; got 'train'"):
+        ExperimentConfig.load(None, ["data.evaluate_on=train"])
+    with pytest.raises(ValueError, match=r"data.validation_fraction must lie in \(0, 1\), got 0.0"):
+        ExperimentConfig.load(None, ["data.evaluate_on=validation", "data.validation_fraction=0"])
