@@ -1,7 +1,8 @@
 """Federated algorithms as two halves that speak bytes (``fedspa.algorithms.base``), registered in one place
 (``fedspa.algorithms.registry``).
 
-Built in, in this order: FedSpa, Sub-FedAvg, FedAvg, FedAvg-FT, Local, Ditto, FedPer, LG-FedAvg, FedProx, FedRep.
+Built in, in this order: FedSpa, Sub-FedAvg, FedAvg, FedAvg-FT, Local, Ditto, FedPer, LG-FedAvg, FedProx, FedRep,
+FedDST.
 Add your own with :func:`register` (see ``docs/training.md``).
 """
 
@@ -17,6 +18,7 @@ from . import fedper as _fedper  # noqa: F401
 from . import lg_fedavg as _lg_fedavg  # noqa: F401
 from . import fedprox as _fedprox  # noqa: F401
 from . import fedrep as _fedrep  # noqa: F401
+from . import feddst as _feddst  # noqa: F401
 from .base import (Client, EvalMetrics, ModelFactory, Server, TrainMetrics, Upload, decode_dense, encode_dense,
                    load_state)
 from .fedavg import FedAvgClient, FedAvgServer, SharedEntries

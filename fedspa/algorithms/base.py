@@ -41,7 +41,7 @@ from ..metrics import flop_counter_mode, peak_step_memory
 from ..nn import training_memory_bytes
 
 # purposes of the per-(client, round) generators
-SHUFFLE, REGROW, SAMPLE, INIT, FINETUNE, HEAD = 1, 2, 3, 4, 5, 6
+SHUFFLE, REGROW, SAMPLE, INIT, FINETUNE, HEAD, READJUST = 1, 2, 3, 4, 5, 6, 7
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -247,6 +247,14 @@ def load_state(model: nn.Module, values: Mapping[str, torch.Tensor]) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 # The halves
 # ------------------------------------------------------------------------------------------------------------------
+def last_linear_names(model: nn.Module) -> set[str]:
+    """State names of the model's last Linear layer (its classifier head)."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no Linear layer to use as the head")
+    return {f"{linears[-1]}.{p}" for p in model.get_submodule(linears[-1]).state_dict()}
+
+
 class Server:
     """The server half of an algorithm.
 
@@ -371,10 +379,11 @@ class Client:
 
     def local_train(self, model: nn.Module, round_index: int, *, epochs: int | None = None,
                     params: list[nn.Parameter] | None = None, extra_loss: Callable[[], torch.Tensor] | None = None,
-                    purpose: int = SHUFFLE, measure_memory: bool = False) -> TrainMetrics:
+                    purpose: int = SHUFFLE, measure_memory: bool = False, steps: int | None = None) -> TrainMetrics:
         """SGD on this client's training data (``local_steps`` or `epochs` / ``local_epochs`` epochs).
 
         Args:
+            steps: this many minibatch steps instead.
             params: the parameters to train (default: all that require grad); the others are frozen meanwhile.
             extra_loss: added to the loss at every step (e.g. a proximal term).
             purpose: which seeded generator shuffles the data.
@@ -397,8 +406,12 @@ class Client:
         generator = client_generator(cfg.seed, self.client_id, purpose, round_index)
         n = data.num_train
         batches_per_epoch = max(1, math.ceil(n / cfg.batch_size))
-        total_steps = cfg.local_steps if cfg.local_steps is not None and epochs is None else \
-            (epochs if epochs is not None else cfg.local_epochs) * batches_per_epoch
+        if steps is not None:
+            total_steps = steps
+        elif cfg.local_steps is not None and epochs is None:
+            total_steps = cfg.local_steps
+        else:
+            total_steps = (epochs if epochs is not None else cfg.local_epochs) * batches_per_epoch
         model.train()
         loss_sum, seen, peak, flops_per_sample = 0.0, 0, None, 0.0
         profiled_seconds, plain_seconds = None, []

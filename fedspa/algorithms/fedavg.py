@@ -18,7 +18,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .base import Client, Server, TrainMetrics, Upload, check_tensors, decode_dense, encode_dense, load_state
+from .base import (Client, Server, TrainMetrics, Upload, check_tensors, decode_dense, encode_dense, last_linear_names,
+                   load_state)
 from .registry import register
 
 
@@ -103,14 +104,6 @@ class FedAvgClient(SharedEntries, Client):
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         check_tensors("client state", state, {f"personal.{n}": self.models.shapes[n] for n in self.personal_names})
         self.personal = {n: state[f"personal.{n}"].to(self.device, self.models.dtypes[n]) for n in self.personal_names}
-
-
-def last_linear_names(model: nn.Module) -> set[str]:
-    """State names of the model's last Linear layer (its classifier head)."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no Linear layer to use as the head")
-    return {f"{linears[-1]}.{p}" for p in model.get_submodule(linears[-1]).state_dict()}
 
 
 class HeadPersonal(SharedEntries):

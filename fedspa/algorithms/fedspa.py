@@ -27,7 +27,8 @@ arXiv:2201.11380 (2022); where the paper is silent the defaults follow the same 
      value where nobody does; ``mean`` adds the average of the held sparse updates m_k * (w_k - w). Dense entries
      are averaged.
   6. Client k's personal model is the global model times its mask (with its own normalization layers under
-     ``norm_layers = local``).
+     ``norm_layers = local``, and its own dense head under ``fedspa.personal_head``: the last Linear layer is then
+     neither masked nor sent, as in FedPer).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from ..masks import client_generator, layer_densities, maskable_parameters, rand
 from ..metrics import flop_counter_mode
 from ..nn import apply_masks, masked_weight_values, sparse_layer_for, why_not_sparse
 from ..schedule import drop_counts, drop_fraction
-from .base import INIT, REGROW, Client, Server, TrainMetrics, Upload, check_tensors, load_state
+from .base import (INIT, REGROW, Client, Server, TrainMetrics, Upload, check_tensors, last_linear_names,
+                   load_state)
 from .registry import register
 
 log = logging.getLogger("fedspa")
@@ -59,6 +61,7 @@ MASK_INITS = ("erk", "uniform")
 REGROWTHS = ("random", "gradient")
 AGGREGATIONS = ("holders", "mean")
 REGROWN_INITS = ("zero", "global")
+MASK_SCOPES = ("personal", "shared")
 EXECUTIONS = ("sparse", "dense_masked")
 SPARSE_POLICIES = ("fastest", "memory")
 
@@ -75,6 +78,9 @@ class FedSpaConfig:
     regrown_init: str = "zero"
     aggregation: str = "holders"
     weighted_aggregation: bool = False  # weight clients by their data size
+    personal_head: bool = False  # the last Linear layer stays dense on each client, never sent (FedPer's lever)
+    # shared: one mask for every client, updated at the server (an ablation: is it the personal mask that helps?)
+    mask_scope: str = "personal"
     execution: str = "sparse"  # dense_masked: dense weights x mask, the comparison most FL code runs
     # sparse execution, which layers run sparse: fastest = the faster way, measured per layer case and cached
     # (fedspa.execution); memory = every layer at most sparse_max_density dense (the leanest, not always faster)
@@ -85,6 +91,7 @@ class FedSpaConfig:
         for name, value, allowed in (("mask_init", self.mask_init, MASK_INITS), ("regrowth", self.regrowth, REGROWTHS),
                                      ("aggregation", self.aggregation, AGGREGATIONS),
                                      ("regrown_init", self.regrown_init, REGROWN_INITS),
+                                     ("mask_scope", self.mask_scope, MASK_SCOPES),
                                      ("execution", self.execution, EXECUTIONS),
                                      ("sparse_policy", self.sparse_policy, SPARSE_POLICIES)):
             if value not in allowed:
@@ -95,6 +102,9 @@ class FedSpaConfig:
             raise ValueError(f"drop_fraction must lie in [0, 1], got {self.drop_fraction}")
         if not 0.0 <= self.sparse_max_density <= 1.0:
             raise ValueError(f"sparse_max_density must lie in [0, 1], got {self.sparse_max_density}")
+        if self.mask_scope == "shared" and self.regrowth != "random":
+            raise ValueError("regrowth must be random with mask_scope=shared: the one mask is updated at the server, "
+                             f"which has no gradients; got {self.regrowth!r}")
         if isinstance(self.mask_update_interval, bool) or self.mask_update_interval < 1:
             raise ValueError(f"mask_update_interval must be an integer >= 1, got {self.mask_update_interval!r}")
 
@@ -105,6 +115,8 @@ class SparseLayout:
     def _init_layout(self) -> None:
         cfg = self.config.fedspa
         personal = self.models.norm_entries() if self.config.norm_layers == "local" else set()
+        if cfg.personal_head:
+            personal |= last_linear_names(self.models.template)
         self.mask_shapes = {n: s for n, s in maskable_parameters(self.models.template).items() if n not in personal}
         self.densities = layer_densities(self.mask_shapes, cfg.density, cfg.mask_init)
         self.wire_names = [n for n in self.models.names if n not in personal]  # what travels, in order
@@ -141,12 +153,17 @@ class FedSpaServer(SparseLayout, Server):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._init_layout()
+        self.shared = self.one_mask()
         self.masks = [self.initial_masks(k) for k in range(self.num_clients)]
         self.server_knows_mask = [False] * self.num_clients  # until then every downlink carries the positions
 
     def initial_masks(self, client: int) -> dict[str, torch.Tensor]:
-        return random_masks(self.mask_shapes, self.densities, client_generator(self.config.seed, client, INIT),
-                            self.device)
+        return random_masks(self.mask_shapes, self.densities,
+                            client_generator(self.config.seed, -1 if self.shared else client, INIT), self.device)
+
+    def one_mask(self) -> bool:
+        """Do all clients train under one mask? (FedSpa: with ``fedspa.mask_scope = shared``.)"""
+        return self.config.fedspa.mask_scope == "shared"
 
     # ---------------------------------------------------------------------------------------------- protocol
     def downlink(self, client: int, round_index: int) -> bytes:
@@ -160,8 +177,10 @@ class FedSpaServer(SparseLayout, Server):
         (FedSpa: unchanged)."""
         return int(self.masks[client][name].count_nonzero())
 
-    def check_new_mask(self, client: int, name: str, mask: torch.Tensor) -> None:
-        """Further rules a client's new mask must follow (Sub-FedAvg: only pruning)."""
+    def check_new_mask(self, client: int, name: str, mask: torch.Tensor, round_index: int) -> None:
+        """Further rules a client's new mask must follow (shared masks: unchanged; Sub-FedAvg: only pruning)."""
+        if self.shared and not torch.equal(mask, self.masks[client][name]):
+            raise ValueError(f"{name}: with shared masks a client uploads at the mask it was sent, this one differs")
 
     def receive(self, upload: Upload) -> Received:
         k = upload.client
@@ -180,7 +199,7 @@ class FedSpaServer(SparseLayout, Server):
                 mask = torch.zeros(entry.numel, dtype=torch.bool, device=self.device)
                 mask[position] = True
                 mask = mask.reshape(self.mask_shapes[name])
-                self.check_new_mask(k, name, mask)
+                self.check_new_mask(k, name, mask, upload.round_index)
                 positions[name], masks[name] = position, mask
             values[name] = entry.values.to(self.device)
         return Received(k, upload.metrics.samples, values, positions, masks)
@@ -227,6 +246,34 @@ class FedSpaServer(SparseLayout, Server):
         for r in received:
             self.masks[r.client] = r.masks
             self.server_knows_mask[r.client] = True
+        if self.shared:
+            self.update_shared_mask(round_index)
+
+    def update_shared_mask(self, round_index: int) -> None:
+        """mask_scope = shared: the one mask drops the smallest |w| of the aggregated model and regrows as many
+        positions at random (FedSpa's schedule), for every client; regrown weights start at 0 with
+        regrown_init = zero. Every client is sent the new positions with its next downlink."""
+        cfg = self.config
+        names = list(self.mask_shapes)
+        interval = cfg.fedspa.mask_update_interval
+        fraction = drop_fraction(round_index, cfg.rounds, cfg.fedspa.drop_fraction) \
+            if round_index % interval == 0 else 0.0
+        if fraction <= 0 or not names:
+            return
+        mask = self.masks[0]
+        state = self.global_model.state_dict()
+        generator = client_generator(cfg.seed, -1, REGROW, round_index)
+        scores = [torch.rand(self.mask_shapes[n], generator=generator, device="cpu").to(self.device) for n in names]
+        counts = drop_counts([int(mask[n].count_nonzero()) for n in names], [mask[n].numel() for n in names],
+                             fraction)
+        with torch.no_grad():
+            weights = [state[n].detach().float() * mask[n] for n in names]
+            new = dict(zip(names, fk.prune_regrow(weights, [mask[n] for n in names], scores, counts)))
+            if cfg.fedspa.regrown_init == "zero":
+                load_state(self.global_model, {n: torch.where(new[n] & ~mask[n], torch.zeros_like(state[n]), state[n])
+                                               for n in names})
+        self.masks = [new] * self.num_clients
+        self.server_knows_mask = [False] * self.num_clients
 
     def round_metrics(self) -> dict[str, float]:
         total = sum(math.prod(s) for s in self.mask_shapes.values())
@@ -254,6 +301,9 @@ class FedSpaServer(SparseLayout, Server):
             self.check_masks(f"server state masks[{k}]", masks)
         if not all(isinstance(v, bool) for v in state["server_knows_mask"]):
             raise ValueError("server state server_knows_mask must hold booleans")
+        if self.shared and any(not torch.equal(masks[n], state["masks"][0][n]) for masks in state["masks"]
+                               for n in self.mask_shapes):
+            raise ValueError("server state masks: with fedspa.mask_scope=shared every client's mask is the same")
         super().load_state_dict(state)
         self.masks = [{n: m.to(self.device) for n, m in masks.items()} for masks in state["masks"]]
         self.server_knows_mask = list(state["server_knows_mask"])
@@ -379,6 +429,8 @@ class FedSpaClient(SparseLayout, Client):
         Returns the new masks and the extra training FLOPs it cost."""
         cfg = self.config
         masks = self.mask
+        if cfg.fedspa.mask_scope == "shared":  # the server updates the one mask
+            return masks, 0.0
         interval = cfg.fedspa.mask_update_interval
         fraction = drop_fraction(round_index, cfg.rounds, cfg.fedspa.drop_fraction) if round_index % interval == 0 \
             else 0.0

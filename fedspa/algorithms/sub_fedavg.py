@@ -68,13 +68,18 @@ class SubFedAvgNnz:
 
 
 class SubFedAvgServer(SubFedAvgNnz, FedSpaServer):
+    def one_mask(self) -> bool:
+        if self.config.fedspa.mask_scope == "shared":
+            raise ValueError("fedspa.mask_scope=shared is FedSpa's ablation; sub_fedavg keeps a mask per client")
+        return False
+
     def initial_masks(self, client: int) -> dict[str, torch.Tensor]:
         return {n: torch.ones(s, dtype=torch.bool, device=self.device) for n, s in self.mask_shapes.items()}
 
     def expected_nnz(self, client: int, name: str, round_index: int) -> int:
         return self.next_nnz(super().expected_nnz(client, name, round_index), name, round_index)
 
-    def check_new_mask(self, client: int, name: str, mask: torch.Tensor) -> None:
+    def check_new_mask(self, client: int, name: str, mask: torch.Tensor, round_index: int) -> None:
         if bool((mask & ~self.masks[client][name]).any()):
             raise ValueError(f"{name}: Sub-FedAvg only prunes, but the new mask holds positions the old one did not")
 

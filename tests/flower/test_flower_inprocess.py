@@ -30,7 +30,10 @@ def _config(*extra):
 
 @pytest.mark.parametrize("algorithm,extra", [("fedspa", "fedspa.regrowth=gradient"),
                                              ("fedspa", "fedspa.regrown_init=global"), ("fedavg", "rounds=2"),
-                                             ("ditto", "rounds=2"), ("sub_fedavg", "sub_fedavg.prune_rate=0.3")])
+                                             ("ditto", "rounds=2"), ("sub_fedavg", "sub_fedavg.prune_rate=0.3"),
+                                             ("fedspa", "fedspa.mask_scope=shared"),
+                                             ("fedspa", "fedspa.personal_head=true"),
+                                             ("feddst", "feddst.readjust_interval=1")])
 def test_flower_run_equals_the_single_process_run(tmp_path, algorithm, extra):
     config = _config(f"algorithm={algorithm}", extra)
     strategy = run_strategy(LocalGrid(4), config, tmp_path / "flower", 60)

@@ -116,10 +116,10 @@ def test_all_expands_to_every_algorithm():
     from fedspa.compare import expand_variants
 
     variants = expand_variants(["fedavg", "all"])
-    # every algorithm, plus the dense-masked twins of the two sparse ones
-    assert variants[0] == "fedavg" and len(variants) == len(set(variants)) == len(names()) + 2
+    # every algorithm, plus the dense-masked twins of the three sparse ones
+    assert variants[0] == "fedavg" and len(variants) == len(set(variants)) == len(names()) + 3
     assert {Variant.parse(v).algorithm for v in variants} == set(names())
-    assert "fedspa:dense_masked" in variants and "sub_fedavg:dense_masked" in variants
+    assert {"fedspa:dense_masked", "sub_fedavg:dense_masked", "feddst:dense_masked"} <= set(variants)
 
 
 def test_the_help_example_runs_as_written(tmp_path, capsys):

@@ -19,6 +19,7 @@ TINY = ["data.dataset=digits", "data.samples_per_client=120", "clients=3", "clie
 VARIANTS = [(a, ()) for a in names()] + [("fedspa", ("fedspa.regrowth=gradient",)),
                                          ("fedspa", ("fedspa.regrown_init=global", "fedspa.aggregation=mean")),
                                          ("fedspa", ("fedspa.execution=dense_masked", "norm_layers=local")),
+                                         ("fedspa", ("fedspa.mask_scope=shared", "fedspa.personal_head=true")),
                                          ("fedavg", ("norm_layers=local",))]
 
 
