@@ -106,12 +106,6 @@ class FedDSTServer(FedSpaServer):
             for r in received:
                 self.server_knows_mask[r.client] = True
 
-    def round_metrics(self) -> dict[str, float]:
-        total = sum(math.prod(s) for s in self.mask_shapes.values())
-        if not total:
-            return {}
-        return {"mask_density": sum(int(m.count_nonzero()) for m in self.masks[0].values()) / total}
-
 
 class FedDSTClient(FedSpaClient):
     def _steps(self) -> tuple[int, int]:

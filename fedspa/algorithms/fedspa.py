@@ -156,6 +156,7 @@ class FedSpaServer(SparseLayout, Server):
         self.shared = self.one_mask()
         self.masks = [self.initial_masks(k) for k in range(self.num_clients)]
         self.server_knows_mask = [False] * self.num_clients  # until then every downlink carries the positions
+        self._mask_nnz: dict[int, tuple[dict, int]] = {}  # id -> (masks, nnz); holding masks keeps the id unique
 
     def initial_masks(self, client: int) -> dict[str, torch.Tensor]:
         return random_masks(self.mask_shapes, self.densities,
@@ -279,8 +280,13 @@ class FedSpaServer(SparseLayout, Server):
         total = sum(math.prod(s) for s in self.mask_shapes.values())
         if not total:
             return {}
-        nnz = [sum(int(m.count_nonzero()) for m in masks.values()) for masks in self.masks]
-        return {"mask_density": sum(nnz) / (total * len(nnz))}
+        # each mask dict is counted once: masks are replaced, never changed in place, so only the new ones are
+        counted = self._mask_nnz
+        for masks in self.masks:
+            if id(masks) not in counted:
+                counted[id(masks)] = (masks, sum(int(m.count_nonzero()) for m in masks.values()))
+        self._mask_nnz = {id(masks): counted[id(masks)] for masks in self.masks}
+        return {"mask_density": sum(self._mask_nnz[id(masks)][1] for masks in self.masks) / (total * len(self.masks))}
 
     def drop(self, client: int) -> None:
         # the client may hold a mask the server never accepted: the next downlink carries the positions again
