@@ -145,3 +145,24 @@ def test_client_step_benchmark_smoke(tmp_path):
     rows = json.loads(out.read_text())["runs"][0]
     assert len(rows) == 1 and all(rows[0][f"{way}_s"] > 0 for way in ("fastest", "memory", "dense_masked"))
     assert "| cnn | 0.5 |" in result.stdout
+
+
+def test_the_fidelity_runner_writes_each_stage_table_and_per_seed_files(tmp_path):
+    env = {**os.environ, "FEDSPA_FIDELITY_RUNS": str(tmp_path / "runs"),
+           "FEDSPA_FIDELITY_RESULTS": str(tmp_path / "results"), "PATH": os.path.dirname(sys.executable) + os.pathsep
+           + os.environ.get("PATH", "")}
+    tiny = ["data.dataset=digits", "data.samples_per_client=100", "clients=3", "client_fraction=1.0",
+            "model.name=mlp", "model.width=4", "rounds=1", "local_steps=2", "fedspa.density=0.3",
+            "measure_memory=false"]
+    result = subprocess.run(["bash", "benchmarks/fidelity.sh", "validation", "--", *tiny], capture_output=True,
+                            text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stage = tmp_path / "results" / "validation"
+    table = (stage / "comparison.md").read_text()
+    assert "pooled, on validation" in table and "| fedspa+fedspa.regrowth=gradient | 3 |" in table
+    runs = sorted(p.name for p in stage.iterdir() if p.is_dir())
+    assert len(runs) == 12 and "fedspa+fedspa.regrowth-random_seed2" in runs
+    assert sorted(f.name for f in (stage / runs[0]).iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json"]
+    bad = subprocess.run(["bash", "benchmarks/fidelity.sh", "bogus"], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=60)
+    assert bad.returncode == 2 and "unknown stage bogus" in bad.stderr
