@@ -135,7 +135,8 @@ class FedDSTClient(FedSpaClient):
             metrics = self.local_train(model, round_index, measure_memory=measure_memory)
         else:
             metrics = self.local_train(model, round_index, steps=before, measure_memory=measure_memory)
-            new_masks, extra_flops = self.readjust(model, round_index, fraction)
+            new_masks, extra_flops = self.measured(lambda: self.readjust(model, round_index, fraction), model,
+                                                   metrics, measure_memory)
             dense = self._densified(model)  # the regrown weights are 0 in it: they start there
             self.mask = new_masks
             model = self._execute(dense)

@@ -36,8 +36,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,8 +50,8 @@ from .. import comm
 from ..config import ExperimentConfig
 from ..execution import fastest_sparse, layer_inputs
 from ..masks import client_generator, layer_densities, maskable_parameters, random_masks, target_nnz
-from ..metrics import flop_counter_mode
-from ..nn import apply_masks, masked_weight_values, sparse_layer_for, why_not_sparse
+from ..metrics import flop_counter_mode, peak_step_memory
+from ..nn import apply_masks, masked_weight_values, sparse_layer_for, training_memory_bytes, why_not_sparse
 from ..schedule import drop_counts, drop_fraction
 from .base import (INIT, REGROW, Client, Server, TrainMetrics, Upload, check_tensors, last_linear_names,
                    load_state)
@@ -429,6 +431,20 @@ class FedSpaClient(SparseLayout, Client):
         params = dict(dense.named_parameters())
         return {n: params[n].grad.abs() for n in self.mask_shapes}, 3.0 * counter.get_total_flops()
 
+    def measured(self, step: Callable[[], Any], model: nn.Module, metrics: TrainMetrics, measure: bool) -> Any:
+        """`step()`'s result; with `measure`, its peak memory (the trained model held, plus what the step
+        allocates, e.g. the dense copy and gradient of |gradient| regrowth) raises ``metrics.peak_memory`` where it
+        is higher, and its time counts as profiling (not training)."""
+        if not measure or metrics.peak_memory is None:
+            return step()
+        holder = {}
+        began = time.perf_counter()
+        peak = peak_step_memory(lambda: holder.setdefault("result", step()), training_memory_bytes(model)["total"],
+                                self.device)
+        metrics.profiling_seconds += time.perf_counter() - began
+        metrics.peak_memory = max(metrics.peak_memory, peak)
+        return holder["result"]
+
     def update_masks(self, model: nn.Module, weights: dict[str, torch.Tensor],
                      round_index: int) -> tuple[dict[str, torch.Tensor], float]:
         """FedSpa's mask update after local training (prune smallest |w|, regrow as many, cosine-annealed count).
@@ -461,7 +477,8 @@ class FedSpaClient(SparseLayout, Client):
         model = self._execute(self.received_model(downlink, training=True))
         metrics = self.local_train(model, round_index, measure_memory=measure_memory)
         weights = masked_weight_values(model, list(self.mask_shapes))
-        new_masks, extra_flops = self.update_masks(model, weights, round_index)
+        new_masks, extra_flops = self.measured(lambda: self.update_masks(model, weights, round_index), model, metrics,
+                                               measure_memory and self.config.fedspa.regrowth == "gradient")
         metrics.flops += extra_flops
         state = model.state_dict()
         # uplink: the trained values at the new mask and its positions (dense entries whole); the server knows the

@@ -98,3 +98,15 @@ def test_bad_mask_scopes(overrides, message):
 def test_sub_fedavg_has_no_shared_masks():
     with pytest.raises(ValueError, match="mask_scope=shared is FedSpa.s ablation; sub_fedavg keeps a mask per client"):
         federation(ExperimentConfig.load(None, TINY + ["algorithm=sub_fedavg", "fedspa.mask_scope=shared"]))
+
+
+def test_the_peak_memory_includes_the_dense_step_of_gradient_regrowth():
+    """|gradient| regrowth runs one dense forward/backward: the client's peak memory must count it."""
+    common = TINY + ["fedspa.density=0.1", "measure_memory=true", "rounds=1", "model.width=32"]
+    peaks = {}
+    for regrowth in ("random", "gradient"):
+        fed = federation(ExperimentConfig.load(None, common + [f"fedspa.regrowth={regrowth}"]))
+        _, metrics = fed.clients[0].round(fed.server.downlink(0, 0), 0, measure_memory=True)
+        peaks[regrowth] = metrics.peak_memory
+    dense_bytes = sum(t.numel() * t.element_size() for t in fed.models.template.parameters())
+    assert peaks["gradient"] >= 2 * dense_bytes > peaks["random"]  # a dense copy and its gradient
