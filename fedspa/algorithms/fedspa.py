@@ -362,7 +362,8 @@ class FedSpaClient(SparseLayout, Client):
                 values[name] = entry.values
         load_state(model, values)
         load_state(model, self.personal)
-        if training or any(e.kind != comm.VALUES for e in entries):
+        resent = any(e.kind != comm.VALUES for n, e in zip(self.wire_names, entries) if n in self.mask_shapes)
+        if training or resent:
             self.regrown = None  # used once; a mask the server resent is not the one the update regrew in
         self.mask = mask
         return model

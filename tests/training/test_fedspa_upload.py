@@ -88,3 +88,21 @@ def test_regrown_init_decides_what_the_client_starts_a_regrown_weight_at(regrown
     for name in fed.server.mask_shapes:
         new = r.masks[name].reshape(-1)
         torch.testing.assert_close(evaluated[name].reshape(-1)[new], after[name][new])
+
+
+def test_an_evaluation_between_rounds_keeps_the_regrown_positions_for_the_next_round():
+    """A run evaluates every client after every round: that must not make the client forget what it regrew (the
+    dense entries, biases, always travel whole, so 'the server resent my mask' must look at the masked ones)."""
+    fed = federation(ExperimentConfig.load(None, TINY + ["fedspa.regrown_init=zero"]))
+    (r,), trained, _, after = _round(fed, [0])
+    client = fed.clients[0]
+    client.evaluate(fed.server.evaluation_downlink(0, 0), 0)
+    assert client.regrown is not None
+    state = client.received_model(fed.server.downlink(0, 1), training=True).state_dict()
+    regrown_any = False
+    for name in fed.server.mask_shapes:
+        regrown = r.masks[name].reshape(-1) & ~trained[0][name].reshape(-1)
+        regrown_any |= bool(regrown.any())
+        assert bool((state[name].reshape(-1)[regrown] == 0).all())
+        assert bool((after[name][regrown] != 0).any())  # the global value there is not 0: zero is a choice
+    assert regrown_any
