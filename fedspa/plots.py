@@ -50,7 +50,7 @@ def _pyplot():
     return plt
 
 
-def _finish(fig, ax, x: str, title: str, path: Path, note: str = "") -> None:
+def _finish(fig, ax, x: str, title: str, path: Path, note: str = "", split: str = "test") -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     if x == "round":
@@ -66,7 +66,7 @@ def _finish(fig, ax, x: str, title: str, path: Path, note: str = "") -> None:
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(_AXES[x] + (f"\n{note}" if note else ""))
-    ax.set_ylabel("personalized test accuracy (pooled)")
+    ax.set_ylabel(f"personalized {split} accuracy (pooled)")
     ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]), top=min(1.0, ax.get_ylim()[1]))
     ax.grid(alpha=0.3, which="major")
     ax.legend(fontsize="small", loc="best")
@@ -109,7 +109,7 @@ def plot_run(history: Sequence[Mapping], out: Path, config: ExperimentConfig, la
         ax.fill_between(xs, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color=style(1)["color"],
                         alpha=0.15, label="± std over clients")
         path = out / f"accuracy_vs_{x}.png"
-        _finish(fig, ax, x, f"{label}: {setting(config)}", path)
+        _finish(fig, ax, x, f"{label}: {setting(config)}", path, split=config.data.evaluate_on)
         written.append(path)
     return written
 
@@ -140,6 +140,6 @@ def plot_comparison(runs: Mapping[str, Sequence[Sequence[Mapping]]], out: Path, 
         spread = f"\nmean and min-max over {seeds} seeds" if seeds > 1 else ""
         path = out / f"accuracy_vs_{x}.png"
         note = f"not shown (nothing communicated): {', '.join(silent)}" if silent else ""
-        _finish(fig, ax, x, f"{setting(config)}{spread}", path, note)
+        _finish(fig, ax, x, f"{setting(config)}{spread}", path, note, split=config.data.evaluate_on)
         written.append(path)
     return written

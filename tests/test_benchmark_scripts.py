@@ -159,7 +159,7 @@ def test_the_fidelity_runner_writes_each_stage_table_and_per_seed_files(tmp_path
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stage = tmp_path / "results" / "validation"
     table = (stage / "comparison.md").read_text()
-    assert "pooled, on validation" in table and "| fedspa+fedspa.regrowth=gradient | 3 |" in table
+    assert "pooled, on validation" in table and "| fedspa+fedspa.regrowth=gradient+fedspa.aggregation=mean | 3 |" in table
     runs = sorted(p.name for p in stage.iterdir() if p.is_dir())
     assert len(runs) == 12 and "fedspa+fedspa.regrowth-random_seed2" in runs
     assert sorted(f.name for f in (stage / runs[0]).iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json"]

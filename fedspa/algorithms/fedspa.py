@@ -14,14 +14,14 @@ arXiv:2201.11380 (2022); where the paper is silent the defaults follow the same 
      ``dense_masked`` runs every masked weight that way, as most FL code does, to measure what the sparse path
      saves.
   3. After local training the client updates its mask (every ``mask_update_interval`` rounds): each tensor drops
-     round(alpha_t * nnz) active weights of smallest |w| and regrows as many inactive positions, by a random score
-     (default) or |gradient| of one dense minibatch; alpha_t anneals with a cosine. One fedspa_kernels.prune_regrow
-     call covers every tensor.
+     round(alpha_t * nnz) active weights of smallest |w| and regrows as many inactive positions, by |gradient| of
+     one dense minibatch (default, as RigL; chosen on a validation split) or a random score (the paper's);
+     alpha_t anneals with a cosine. One fedspa_kernels.prune_regrow call covers every tensor.
   4. The client uploads its values at its new mask with the mask (bitmap or int32 positions, the smaller). The
      server knows the mask the client trained under (it sent it), so a client *holds* only the positions it
      trained and kept; the regrown ones carry no trained value and never enter the aggregate. They start the
-     client's next round at 0 (``regrown_init = zero``, as in RigL) or at the global value it fetches
-     (``global``).
+     client's next round at the global value it fetches (``regrown_init = global``, the default) or at 0
+     (``zero``, as in RigL).
   5. The server aggregates with one fedspa_kernels scatter-add call over all sampled clients and all masked
      tensors: ``holders`` (default) averages each position over the clients holding it and keeps the previous
      value where nobody does; ``mean`` adds the average of the held sparse updates m_k * (w_k - w). Dense entries
@@ -76,8 +76,8 @@ class FedSpaConfig:
     mask_init: str = "erk"
     drop_fraction: float = 0.5  # alpha_0 of the cosine schedule
     mask_update_interval: int = 1  # rounds between mask updates
-    regrowth: str = "random"
-    regrown_init: str = "zero"
+    regrowth: str = "gradient"  # |gradient| (RigL) and global: chosen on a validation split (docs/training.md)
+    regrown_init: str = "global"
     aggregation: str = "holders"
     weighted_aggregation: bool = False  # weight clients by their data size
     personal_head: bool = False  # the last Linear layer stays dense on each client, never sent (FedPer's lever)

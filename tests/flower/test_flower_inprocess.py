@@ -28,14 +28,14 @@ def _config(*extra):
     return ExperimentConfig.load(None, TINY + list(extra))
 
 
-@pytest.mark.parametrize("algorithm,extra", [("fedspa", "fedspa.regrowth=gradient"),
-                                             ("fedspa", "fedspa.regrown_init=global"), ("fedavg", "rounds=2"),
+@pytest.mark.parametrize("algorithm,extra", [("fedspa", "fedspa.regrowth=random"),
+                                             ("fedspa", "fedspa.regrown_init=zero"), ("fedavg", "rounds=2"),
                                              ("ditto", "rounds=2"), ("sub_fedavg", "sub_fedavg.prune_rate=0.3"),
-                                             ("fedspa", "fedspa.mask_scope=shared"),
+                                             ("fedspa", "fedspa.mask_scope=shared fedspa.regrowth=random"),
                                              ("fedspa", "fedspa.personal_head=true"),
                                              ("feddst", "feddst.readjust_interval=1")])
 def test_flower_run_equals_the_single_process_run(tmp_path, algorithm, extra):
-    config = _config(f"algorithm={algorithm}", extra)
+    config = _config(f"algorithm={algorithm}", *extra.split())
     strategy = run_strategy(LocalGrid(4), config, tmp_path / "flower", 60)
     reference = run(config, output_dir=tmp_path / "ref")
     assert [{k: h[k] for k in KEYS} for h in strategy.history] == [{k: h[k] for k in KEYS} for h in reference.history]

@@ -81,13 +81,13 @@ def test_a_variant_carries_its_own_overrides():
     from fedspa.config import ExperimentConfig
 
     base = ExperimentConfig.load(None, ["local_epochs=2"])
-    variant = Variant.parse("fedspa:dense_masked+fedspa.regrowth=gradient+fedspa.density=0.3")
-    assert variant.label == "fedspa:dense_masked+fedspa.regrowth=gradient+fedspa.density=0.3"
+    variant = Variant.parse("fedspa:dense_masked+fedspa.regrowth=random+fedspa.density=0.3")
+    assert variant.label == "fedspa:dense_masked+fedspa.regrowth=random+fedspa.density=0.3"
     config = variant.configure(base, 4)
     assert (config.fedspa.regrowth, config.fedspa.density, config.fedspa.execution, config.local_epochs,
-            config.seed) == ("gradient", 0.3, "dense_masked", 2, 4)
-    assert config.name == "fedspa_dense_masked+fedspa.regrowth-gradient+fedspa.density-0.3_seed4"
-    assert base.fedspa.regrowth == "random" and base.fedspa.density == 0.1  # the shared config is untouched
+            config.seed) == ("random", 0.3, "dense_masked", 2, 4)
+    assert config.name == "fedspa_dense_masked+fedspa.regrowth-random+fedspa.density-0.3_seed4"
+    assert base.fedspa.regrowth == "gradient" and base.fedspa.density == 0.1  # the shared config is untouched
     with pytest.raises(ValueError, match="seed is not a per-variant override"):
         Variant.parse("fedspa+seed=3")
     with pytest.raises(ValueError, match="fedspa.execution is not a per-variant override"):
@@ -101,14 +101,14 @@ def test_a_variant_carries_its_own_overrides():
 
 
 def test_compare_runs_an_ablation_from_overrides(tmp_path, capsys):
-    assert main(["compare", "--output", str(tmp_path), "--variants", "fedspa,fedspa+fedspa.regrowth=gradient",
+    assert main(["compare", "--output", str(tmp_path), "--variants", "fedspa,fedspa+fedspa.regrowth=random",
                  *TINY]) == 0
-    assert "| fedspa+fedspa.regrowth=gradient | 1 |" in capsys.readouterr().out
+    assert "| fedspa+fedspa.regrowth=random | 1 |" in capsys.readouterr().out
     import yaml
 
-    saved = yaml.safe_load((tmp_path / "fedspa+fedspa.regrowth-gradient_seed0" / "config.yaml").read_text())
+    saved = yaml.safe_load((tmp_path / "fedspa+fedspa.regrowth-random_seed0" / "config.yaml").read_text())
     plain = yaml.safe_load((tmp_path / "fedspa_seed0" / "config.yaml").read_text())
-    assert (saved["fedspa"]["regrowth"], plain["fedspa"]["regrowth"]) == ("gradient", "random")
+    assert (saved["fedspa"]["regrowth"], plain["fedspa"]["regrowth"]) == ("random", "gradient")
 
 
 def test_all_expands_to_every_algorithm():

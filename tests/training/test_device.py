@@ -16,10 +16,11 @@ from fedspa.train import load_checkpoint, read_checkpoint, run
 TINY = ["data.dataset=digits", "data.samples_per_client=120", "clients=3", "client_fraction=1.0", "model.name=cnn",
         "model.width=4", "fedspa.density=0.3", "rounds=2", "local_steps=2", "batch_size=16", "progress=false",
         "sub_fedavg.prune_rate=0.3"]
-VARIANTS = [(a, ()) for a in names()] + [("fedspa", ("fedspa.regrowth=gradient",)),
-                                         ("fedspa", ("fedspa.regrown_init=global", "fedspa.aggregation=mean")),
+VARIANTS = [(a, ()) for a in names()] + [("fedspa", ("fedspa.regrowth=random",)),
+                                         ("fedspa", ("fedspa.regrown_init=zero", "fedspa.aggregation=mean")),
                                          ("fedspa", ("fedspa.execution=dense_masked", "norm_layers=local")),
-                                         ("fedspa", ("fedspa.mask_scope=shared", "fedspa.personal_head=true")),
+                                         ("fedspa", ("fedspa.mask_scope=shared", "fedspa.regrowth=random",
+                                                     "fedspa.personal_head=true")),
                                          ("fedavg", ("norm_layers=local",))]
 
 

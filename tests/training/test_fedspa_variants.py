@@ -14,6 +14,7 @@ from fedspa.train import federation, run
 TINY = ["data.dataset=digits", "data.samples_per_client=250", "data.alpha=0.5", "clients=3", "client_fraction=1.0",
         "model.name=mlp", "model.width=8", "fedspa.density=0.3", "rounds=3", "local_epochs=1", "batch_size=25",
         "progress=false", "measure_memory=false", "fedspa.sparse_policy=memory"]
+SHARED = ["fedspa.mask_scope=shared", "fedspa.regrowth=random"]  # the server has no gradients to regrow by
 
 
 def _rounds(fed, rounds):
@@ -51,7 +52,7 @@ def test_a_personal_head_stays_dense_on_each_client_and_never_travels(tmp_path):
 
 
 def test_shared_masks_are_one_mask_updated_at_the_server():
-    fed = federation(ExperimentConfig.load(None, TINY + ["fedspa.mask_scope=shared"]))
+    fed = federation(ExperimentConfig.load(None, TINY + SHARED + ["fedspa.regrown_init=zero"]))
     server = fed.server
     names = list(server.mask_shapes)
     first = {n: server.masks[0][n].clone() for n in names}
@@ -74,7 +75,7 @@ def test_shared_masks_are_one_mask_updated_at_the_server():
 
 
 def test_a_shared_mask_upload_must_keep_the_mask_it_was_sent():
-    fed = federation(ExperimentConfig.load(None, TINY + ["fedspa.mask_scope=shared"]))
+    fed = federation(ExperimentConfig.load(None, TINY + SHARED))
     server, client = fed.server, fed.clients[0]
 
     def moved(model, weights, round_index):  # a client that moves the mask itself
@@ -97,7 +98,7 @@ def test_bad_mask_scopes(overrides, message):
 
 def test_sub_fedavg_has_no_shared_masks():
     with pytest.raises(ValueError, match="mask_scope=shared is FedSpa.s ablation; sub_fedavg keeps a mask per client"):
-        federation(ExperimentConfig.load(None, TINY + ["algorithm=sub_fedavg", "fedspa.mask_scope=shared"]))
+        federation(ExperimentConfig.load(None, TINY + ["algorithm=sub_fedavg", *SHARED]))
 
 
 def test_the_peak_memory_includes_the_dense_step_of_gradient_regrowth():

@@ -86,7 +86,7 @@ def test_communication_and_flops_scale_with_density(tmp_path):
 
 @pytest.mark.parametrize("algorithm", ["fedspa", "fedavg"])
 def test_resume_repeats_an_uninterrupted_run_exactly(tmp_path, algorithm):
-    config = _config("rounds=4", f"algorithm={algorithm}", "fedspa.regrowth=gradient", "eval_every=2")
+    config = _config("rounds=4", f"algorithm={algorithm}", "fedspa.regrowth=random", "eval_every=2")
     full = run(config, output_dir=tmp_path / "full")
     killed = run(config, output_dir=tmp_path / "resumed", stop_after=2)
     assert len(killed.history) == 2
