@@ -92,12 +92,7 @@ class FedDSTServer(FedSpaServer):
                         keep[order[: self.targets[name]]] = True
                     new_mask[name] = keep.reshape(self.mask_shapes[name])
                     merged[name] = torch.where(keep, values_here, torch.zeros_like(values_here))
-            share = torch.tensor(weights, dtype=torch.float32, device=self.device)
-            for name in self.wire_names:
-                if name in offsets:
-                    continue
-                stacked = torch.stack([r.values[name] for r in received])
-                merged[name] = (stacked * share.reshape(-1, *([1] * (stacked.dim() - 1)))).sum(0) / share.sum()
+            merged.update(self.average_dense_entries(received, weights))
             load_state(self.global_model, merged)
         if any(not torch.equal(new_mask[n], self.masks[0][n]) for n in sparse):
             self.masks = [new_mask] * self.num_clients

@@ -238,19 +238,25 @@ class FedSpaServer(SparseLayout, Server):
                     step, _ = fk.scatter_add_aggregate(indices, deltas, previous.numel(), scale)
                     flat = previous + step
                 merged = {n: flat[offsets[n]:offsets[n] + state[n].numel()] for n in sparse}
-            share = torch.tensor([float(r.samples) if cfg.weighted_aggregation else 1.0 for r in received],
-                                 dtype=torch.float32, device=self.device)
-            for name in self.wire_names:
-                if name in offsets:
-                    continue
-                stacked = torch.stack([r.values[name] for r in received])
-                merged[name] = (stacked * share.reshape(-1, *([1] * (stacked.dim() - 1)))).sum(0) / share.sum()
+            merged.update(self.average_dense_entries(
+                received, [float(r.samples) if cfg.weighted_aggregation else 1.0 for r in received]))
             load_state(self.global_model, merged)
         for r in received:
             self.masks[r.client] = r.masks
             self.server_knows_mask[r.client] = True
         if self.shared:
             self.update_shared_mask(round_index)
+
+    def average_dense_entries(self, received: list[Received], weights: list[float]) -> dict[str, torch.Tensor]:
+        """The weighted mean over the uploads of every travelling entry that has no mask (biases, norms)."""
+        share = torch.tensor(weights, dtype=torch.float32, device=self.device)
+        out = {}
+        for name in self.wire_names:
+            if name in self.mask_shapes:
+                continue
+            stacked = torch.stack([r.values[name] for r in received])
+            out[name] = (stacked * share.reshape(-1, *([1] * (stacked.dim() - 1)))).sum(0) / share.sum()
+        return out
 
     def update_shared_mask(self, round_index: int) -> None:
         """mask_scope = shared: the one mask drops the smallest |w| of the aggregated model and regrows as many
