@@ -26,7 +26,6 @@ from torch import nn
 
 import fedspa_kernels as fk
 
-from .. import comm
 from ..nn import masked_weight_values
 from ..schedule import drop_counts, drop_fraction
 from .base import READJUST, TrainMetrics, load_state
@@ -142,13 +141,7 @@ class FedDSTClient(FedSpaClient):
                                        metrics.flops + rest.flops, metrics.peak_memory,
                                        metrics.profiling_seconds + rest.profiling_seconds)
             metrics.flops += extra_flops
-        names = list(self.mask_shapes)
-        weights = masked_weight_values(model, names)
-        state = model.state_dict()
-        payload = comm.encode([(weights[n], self.mask[n], False) if n in self.mask_shapes else (state[n], None, False)
-                               for n in self.wire_names])
-        self.personal = {n: state[n].detach().clone() for n in self.personal_names}
-        return payload, metrics
+        return self.upload(model, masked_weight_values(model, list(self.mask_shapes)), self.mask), metrics
 
 
 def feddst_summary(config) -> dict:

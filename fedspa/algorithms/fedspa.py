@@ -487,16 +487,21 @@ class FedSpaClient(SparseLayout, Client):
         new_masks, extra_flops = self.measured(lambda: self.update_masks(model, weights, round_index), model, metrics,
                                                measure_memory and self.config.fedspa.regrowth == "gradient")
         metrics.flops += extra_flops
-        state = model.state_dict()
         # uplink: the trained values at the new mask and its positions (dense entries whole); the server knows the
         # mask they were trained under, so it counts only the kept positions as trained, never the regrown ones
-        payload = comm.encode([(weights[n], new_masks[n], False) if n in new_masks else (state[n], None, False)
-                               for n in self.wire_names])
-        self.personal = {n: state[n].detach().clone() for n in self.personal_names}
+        payload = self.upload(model, weights, new_masks)
         regrown = {n: new_masks[n] & ~self.mask[n] for n in new_masks}
         self.regrown = regrown if any(bool(r.any()) for r in regrown.values()) else None
         self.mask = new_masks
         return payload, metrics
+
+    def upload(self, model: nn.Module, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> bytes:
+        """The payload: `weights` at `masks` with their positions, the other travelling entries whole; keeps the
+        personal entries of `model` on the client."""
+        state = model.state_dict()
+        self.personal = {n: state[n].detach().clone() for n in self.personal_names}
+        return comm.encode([(weights[n], masks[n], False) if n in masks else (state[n], None, False)
+                            for n in self.wire_names])
 
     def evaluation_model(self, downlink: bytes, round_index: int) -> nn.Module:
         """w * m_k; with sparse execution on the layers it trains on (the same plan, from the same measurements),
