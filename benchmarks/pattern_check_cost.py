@@ -74,8 +74,9 @@ def measure(repeats: int) -> list[dict]:
     for size, density in LINEAR:
         S = fk.SparseMatrix.from_dense(torch.randn(size, size, generator=g), torch.rand(size, size, generator=g) < density)
         x, dy = torch.randn(BATCH, size, generator=g), torch.randn(BATCH, size, generator=g)
-        values_t = S.values.index_select(0, S.perm_t)
-        csr, csc = (S.crow_indices, S.col_indices), (S.ccol_indices, S.row_indices_t)
+        ccol, row_t, perm = S.transpose_pattern()  # the spmm kernel over the transposed order
+        values_t = S.values.index_select(0, perm)
+        csr, csc = (S.crow_indices, S.col_indices), (ccol, row_t)
         cases = (("spmm (forward)", "spmm", (S.values, *csr, x.t()), csr),
                  ("spmm transposed (input gradient)", "spmm", (values_t, *csc, dy.t()), csc),
                  ("sddmm (weight gradient)", "sddmm", (dy.t(), x.t(), *csr), csr))

@@ -1,8 +1,9 @@
 """Sparse layers whose parameters are only the active weights, on fedspa_kernels' sparse kernels.
 
 ``SparseLinear`` and ``SparseConv2d`` hold the active values as their parameter (so gradients and optimizer
-state exist only for them) and the pattern as buffers (CSR + transpose metadata). :func:`sparsify` turns the
-Linear/Conv2d layers of a model into sparse ones given masks; :func:`densify` turns them back. Any other weight
+state exist only for them) and the pattern as CSR buffers (4 bytes of index per active weight, no transposed copy).
+:func:`sparsify` turns the Linear/Conv2d layers of a model into sparse ones given masks; :func:`densify` turns them
+back. Any other weight
 (a depthwise conv, an Embedding, ``MultiheadAttention``'s packed ``in_proj_weight``) can be masked in the forward
 with :func:`mask_in_forward` (dense weight times the mask, a ``torch.nn.utils.parametrize`` parametrization);
 :func:`apply_masks` chooses between the two per weight.
@@ -20,7 +21,7 @@ from torch.nn.utils import parametrize
 
 import fedspa_kernels as fk
 
-_PATTERN_BUFFERS = ("crow_indices", "col_indices", "ccol_indices", "row_indices_t", "perm_t")
+_PATTERN_BUFFERS = ("crow_indices", "col_indices")
 
 
 class _SparseWeight(nn.Module):
@@ -41,9 +42,7 @@ class _SparseWeight(nn.Module):
 
     def matrix(self) -> fk.SparseMatrix:
         """The weight as a SparseMatrix over this module's tensors (the kernels check the pattern they get)."""
-        return fk.SparseMatrix(self.crow_indices, self.col_indices, self.values, self.weight_shape,
-                               ccol_indices=self.ccol_indices, row_indices_t=self.row_indices_t, perm_t=self.perm_t,
-                               validate=False)
+        return fk.SparseMatrix(self.crow_indices, self.col_indices, self.values, self.weight_shape, validate=False)
 
     @property
     def nnz(self) -> int:

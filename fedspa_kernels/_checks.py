@@ -76,58 +76,16 @@ def row_of_each_nonzero(crow: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel(), device=crow.device), counts)
 
 
-def check_transpose_pair(op: str, crow: torch.Tensor, col: torch.Tensor, tcrow: torch.Tensor, tcol: torch.Tensor,
-                         tperm: torch.Tensor, rows: int, cols: int) -> None:
-    """Both orders of a pattern are valid and ``tperm`` maps every transposed entry to the CSR entry at the same
-    (row, column): the full check behind ``SparseMatrix.validate``."""
-    if crow.numel() != rows + 1 or tcrow.numel() != cols + 1:
-        raise ValueError(f"{op}: crow_indices has {crow.numel()} entries and its transpose {tcrow.numel()}, expected "
-                         f"{rows + 1} and {cols + 1} for a ({rows} x {cols}) pattern")
-    if tcol.numel() != col.numel() or tperm.numel() != col.numel():
-        raise ValueError(f"{op}: the pattern has {col.numel()} nonzeros but its transpose {tcol.numel()} and the "
-                         f"permutation {tperm.numel()}")
-    if tperm.dtype != torch.int32 or tperm.dim() != 1:
-        raise TypeError(f"{op}: perm_t must be a 1-D int32 tensor, got {_describe(tperm)}")
-    check_csr(op, crow, col, cols)
-    check_csr(op + " (transpose)", tcrow, tcol, rows)
-    nnz = col.numel()
-    if not nnz:
-        return
-    bad = ((tperm < 0) | (tperm >= nnz)).nonzero()
-    if bad.numel():
-        k = int(bad[0, 0])
-        raise ValueError(f"{op}: perm_t[{k}] = {int(tperm[k])} is outside [0, {nnz})")
-    where = tperm.long()
-    rows_csr, cols_csr = row_of_each_nonzero(crow)[where], col.long()[where]
-    rows_t, cols_t = tcol.long(), row_of_each_nonzero(tcrow)
-    bad = ((rows_csr != rows_t) | (cols_csr != cols_t)).nonzero()
-    if bad.numel():
-        j = int(bad[0, 0])
-        raise ValueError(f"{op}: transposed entry {j} is at ({int(rows_t[j])}, {int(cols_t[j])}) but perm_t maps it "
-                         f"to CSR entry {int(tperm[j])} at ({int(rows_csr[j])}, {int(cols_csr[j])})")
-    # every (row, col) is unique in each order, so a pair-preserving map between them is a permutation
-
-
-def gather_values(op: str, values: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``values[perm]`` (values into another order of the pattern), with a clear error for an index out of range.
-    On the CPU the gather's own bounds check finds it (index_select: 5x faster than advanced indexing with an
-    int32 index); on CUDA, where it would be a device-side assert, the range is checked first."""
-    if values.device.type != "cpu" and perm.numel():
-        low, high = (int(v) for v in torch.aminmax(perm))
-        if low < 0 or high >= values.numel():
-            _raise_perm(op, values, perm)
-    try:
-        return values.index_select(0, perm)
-    except (IndexError, RuntimeError):
-        _raise_perm(op, values, perm)
-
-
-def _raise_perm(op: str, values: torch.Tensor, perm: torch.Tensor):
-    bad = ((perm < 0) | (perm >= values.numel())).nonzero()
-    if not bad.numel():
-        raise ValueError(f"{op}: perm_t does not fit {values.numel()} values")
-    k = int(bad[0, 0])
-    raise ValueError(f"{op}: perm_t[{k}] = {int(perm[k])} is outside [0, {values.numel()})") from None
+def csr_transpose(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                  cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The transposed (CSC) order of a checked CSR pattern with its values carried along: column pointers (int64,
+    cols + 1), the row of each entry (int32) and the values, column by column with rows ascending (one stable sort:
+    what the CUDA and Triton transposed products build per call, since no layer keeps a transposed copy)."""
+    perm = torch.argsort(col, stable=True)  # CSR is row-major, so equal columns keep ascending rows
+    ccol = torch.zeros(cols + 1, dtype=torch.int64, device=col.device)
+    if col.numel():
+        ccol[1:] = torch.cumsum(torch.bincount(col.long(), minlength=cols), dim=0)
+    return ccol, row_of_each_nonzero(crow)[perm].to(torch.int32), values[perm]
 
 
 def check_values(op: str, values: torch.Tensor, nnz: int, name: str = "values") -> None:
@@ -141,17 +99,26 @@ def check_values(op: str, values: torch.Tensor, nnz: int, name: str = "values") 
 # SpMM and SDDMM
 # ------------------------------------------------------------------------------------------------------------------
 def check_spmm_inputs(op: str, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                      dense: torch.Tensor) -> None:
-    """fedspa::spmm: values (nnz,), a pattern of rows x dense.shape[0], dense (cols x N)."""
+                      dense: torch.Tensor, cols: int | None = None) -> None:
+    """fedspa::spmm: values (nnz,), a pattern of rows x dense.shape[0], dense (cols x N). With `cols`
+    (fedspa::spmm_transposed): a pattern of (dense.shape[0] rows) x cols, dense (rows x N)."""
     if not isinstance(dense, torch.Tensor) or dense.dim() != 2:
-        raise ValueError(f"{op}: dense must be 2-D (cols x N), got {_describe(dense)}")
+        raise ValueError(f"{op}: dense must be 2-D ({'rows' if cols is not None else 'cols'} x N), got "
+                         f"{_describe(dense)}")
     check_csr_metadata(op, crow, col, dense.device)
     check_values(op, values, col.numel())
     if dense.dtype != values.dtype:
         raise TypeError(f"{op}: dense is {dense.dtype} but values are {values.dtype}")
     if values.device != dense.device:
         raise ValueError(f"{op}: dense is on {dense.device} but values are on {values.device}")
-    check_csr(op, crow, col, dense.shape[0])
+    if cols is None:
+        check_csr(op, crow, col, dense.shape[0])
+        return
+    if isinstance(cols, bool) or not isinstance(cols, int) or cols < 0:
+        raise ValueError(f"{op}: cols must be an integer >= 0, got {cols!r}")
+    if dense.shape[0] != crow.numel() - 1:
+        raise ValueError(f"{op}: the pattern has {crow.numel() - 1} rows but dense has shape {tuple(dense.shape)}")
+    check_csr(op, crow, col, cols)
 
 
 def check_sddmm_inputs(op: str, a: torch.Tensor, bt: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> None:
@@ -212,27 +179,26 @@ def check_conv_forward_inputs(op, values, crow, col, input_t, kernel_size, strid
     return out_h, out_w
 
 
-def check_conv_input_grad_inputs(op, values_t, t_crow, t_col, grad_out_t, input_hw, kernel_size, stride, padding,
-                                 dilation) -> int:
-    """fedspa::sparse_conv2d_input_grad; returns the number of input channels."""
+def check_conv_input_grad_inputs(op, values, crow, col, grad_out_t, input_chw, kernel_size, stride, padding,
+                                 dilation) -> None:
+    """fedspa::sparse_conv2d_input_grad (the weight in its CSR order, the input's (C, H, W) given)."""
     check_geometry(op, kernel_size, stride, padding, dilation)
-    if not isinstance(values_t, torch.Tensor):
-        raise TypeError(f"{op}: values must be a tensor, got {type(values_t).__name__}")
-    check_activation(op, "grad_out_t", grad_out_t, values_t.dtype, values_t.device)
-    check_csr_metadata(op, t_crow, t_col, values_t.device)
-    check_values(op, values_t, t_col.numel())
-    if len(input_hw) != 2 or any(v < 1 for v in input_hw):
-        raise ValueError(f"{op}: input_hw must be two integers >= 1, got {list(input_hw)}")
-    taps = kernel_size[0] * kernel_size[1]
-    if (t_crow.numel() - 1) % taps != 0:
-        raise ValueError(f"{op}: the transposed order has {t_crow.numel() - 1} rows, not a multiple of the kernel's "
-                         f"{taps} taps")
-    expected = output_hw(input_hw, kernel_size, stride, padding, dilation)
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"{op}: values must be a tensor, got {type(values).__name__}")
+    check_activation(op, "grad_out_t", grad_out_t, values.dtype, values.device)
+    check_csr_metadata(op, crow, col, values.device)
+    check_values(op, values, col.numel())
+    if len(input_chw) != 3 or input_chw[0] < 0 or any(v < 1 for v in input_chw[1:]):
+        raise ValueError(f"{op}: input_chw must be three integers (channels >= 0, height and width >= 1), got "
+                         f"{list(input_chw)}")
+    if crow.numel() - 1 != grad_out_t.shape[0]:
+        raise ValueError(f"{op}: the pattern has {crow.numel() - 1} rows (output channels) but grad_out_t is "
+                         f"{tuple(grad_out_t.shape)}")
+    expected = output_hw(input_chw[1:], kernel_size, stride, padding, dilation)
     if tuple(grad_out_t.shape[1:3]) != tuple(expected):
-        raise ValueError(f"{op}: grad_out_t is {tuple(grad_out_t.shape)} but an input of {list(input_hw)} gives "
+        raise ValueError(f"{op}: grad_out_t is {tuple(grad_out_t.shape)} but an input of {list(input_chw[1:])} gives "
                          f"{tuple(expected)} outputs")
-    check_csr(op, t_crow, t_col, grad_out_t.shape[0])
-    return (t_crow.numel() - 1) // taps
+    check_csr(op, crow, col, input_chw[0] * kernel_size[0] * kernel_size[1])
 
 
 def check_conv_weight_grad_inputs(op, grad_out_t, input_t, crow, col, kernel_size, stride, padding,

@@ -1,21 +1,21 @@
 """SparseMatrix: a matrix with a fixed sparsity pattern (fixed nnz), as FedSpa's sparse layers hold them.
 
-CSR (``crow_indices`` int64, ``col_indices`` int32, ``values``) plus the transpose metadata cached for the
-backward pass: the same nonzeros in column-major (CSC) order, as ``ccol_indices`` (int64, cols + 1),
-``row_indices_t`` (int32) and ``perm_t`` (int32, the CSR position of each CSC entry). The pattern changes only
-when a mask is updated, so building the metadata then (O(nnz log nnz), no dense temporary) is cheap relative
-to training; the values change every step and are shared by both orders through ``perm_t``.
+CSR only: ``crow_indices`` (int64, rows + 1), ``col_indices`` (int32, nnz) and ``values`` (nnz, in row-major
+order): 4 bytes of index per nonzero plus 8 per row. No transposed copy of the pattern is kept: the kernels that
+read a matrix column by column (S^T @ D, a convolution's input gradient) work from the CSR order itself (the C++
+transposed SpMM scatters along the rows) or build the transposed order for the call (:meth:`transpose_pattern`
+computes it for anyone who wants it).
 
 Memory safety does not rest on this object: every kernel checks the pattern it is given (see
 ``fedspa_kernels._checks``), so a SparseMatrix whose index tensors were edited in place gives a clear error, not
-an out-of-bounds access. Its fields cannot be reassigned; :meth:`validate` runs the full check of both orders.
+an out-of-bounds access. Its fields cannot be reassigned; :meth:`validate` runs the full check.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES, INT32_MAX, check_csr, check_csr_metadata, check_transpose_pair, row_of_each_nonzero
+from ._checks import FLOAT_DTYPES, INT32_MAX, check_csr, check_csr_metadata, csr_transpose, row_of_each_nonzero
 
 _INT32_MAX = INT32_MAX
 
@@ -37,18 +37,17 @@ def _pattern_of(mask: torch.Tensor, shape: torch.Size, device: torch.device, op:
 
 
 class SparseMatrix:
-    """A (rows x cols) CSR matrix with cached transpose metadata.
+    """A (rows x cols) CSR matrix.
 
     Build it with :meth:`from_dense` (a dense matrix and a boolean mask), :meth:`from_mask` or :meth:`from_csr`;
     ``values`` is a plain tensor (it may require grad, or be an ``nn.Parameter``). The fields are read-only;
     :meth:`with_values` gives the same pattern with other values.
     """
 
-    __slots__ = ("_shape", "_crow_indices", "_col_indices", "_values", "_ccol_indices", "_row_indices_t", "_perm_t")
+    __slots__ = ("_shape", "_crow_indices", "_col_indices", "_values")
 
     def __init__(self, crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
-                 shape: tuple[int, int], *, ccol_indices: torch.Tensor, row_indices_t: torch.Tensor,
-                 perm_t: torch.Tensor, validate: bool = True) -> None:
+                 shape: tuple[int, int], *, validate: bool = True) -> None:
         """Wraps ready tensors; the sizes and dtypes are checked here (no data read), the rest by ``validate``."""
         rows, cols = (int(shape[0]), int(shape[1]))
         if rows < 0 or cols < 0:
@@ -56,21 +55,16 @@ class SparseMatrix:
         if not isinstance(values, torch.Tensor) or values.dtype not in FLOAT_DTYPES or values.dim() != 1:
             raise TypeError(f"SparseMatrix: values must be a 1-D floating tensor, got "
                             f"{values.dtype if isinstance(values, torch.Tensor) else type(values).__name__}")
-        device = values.device
-        check_csr_metadata("SparseMatrix", crow_indices, col_indices, device)
-        check_csr_metadata("SparseMatrix (transpose)", ccol_indices, row_indices_t, device)
-        if not isinstance(perm_t, torch.Tensor) or perm_t.dtype != torch.int32 or perm_t.device != device:
-            raise TypeError("SparseMatrix: perm_t must be an int32 tensor on the values' device")
-        nnz = col_indices.numel()
-        if crow_indices.numel() != rows + 1 or ccol_indices.numel() != cols + 1:
-            raise ValueError(f"SparseMatrix: crow_indices has {crow_indices.numel()} entries and ccol_indices "
-                             f"{ccol_indices.numel()}, expected {rows + 1} and {cols + 1} for shape {(rows, cols)}")
-        if not values.numel() == row_indices_t.numel() == perm_t.numel() == nnz:
-            raise ValueError(f"SparseMatrix: {nnz} nonzeros but {values.numel()} values, {row_indices_t.numel()} "
-                             f"transposed entries and {perm_t.numel()} permutation entries")
+        check_csr_metadata("SparseMatrix", crow_indices, col_indices, values.device)
+        if crow_indices.numel() != rows + 1:
+            raise ValueError(f"SparseMatrix: crow_indices has {crow_indices.numel()} entries, expected {rows + 1} for "
+                             f"shape {(rows, cols)}")
+        if values.numel() != col_indices.numel():
+            raise ValueError(f"SparseMatrix: {col_indices.numel()} nonzeros but {values.numel()} values")
+        if cols > _INT32_MAX:
+            raise ValueError(f"SparseMatrix: {cols} columns do not fit int32 column indices")
         object.__setattr__(self, "_shape", (rows, cols))
-        for name, t in (("_crow_indices", crow_indices), ("_col_indices", col_indices), ("_values", values),
-                        ("_ccol_indices", ccol_indices), ("_row_indices_t", row_indices_t), ("_perm_t", perm_t)):
+        for name, t in (("_crow_indices", crow_indices), ("_col_indices", col_indices), ("_values", values)):
             object.__setattr__(self, name, t)
         if validate:
             self.validate()
@@ -79,16 +73,12 @@ class SparseMatrix:
         raise AttributeError(f"SparseMatrix is read-only ({name!r}); use with_values() or build a new one")
 
     def __reduce__(self):  # copy and pickle through the constructor (the fields cannot be set one by one)
-        return (_rebuild, (self.crow_indices, self.col_indices, self.values, self.shape, self.ccol_indices,
-                           self.row_indices_t, self.perm_t))
+        return (_rebuild, (self.crow_indices, self.col_indices, self.values, self.shape))
 
     shape = property(lambda self: self._shape, doc="(rows, cols)")
     crow_indices = property(lambda self: self._crow_indices, doc="CSR row pointers (int64, rows + 1)")
     col_indices = property(lambda self: self._col_indices, doc="CSR column of each nonzero (int32)")
     values = property(lambda self: self._values, doc="the nonzeros, in CSR order")
-    ccol_indices = property(lambda self: self._ccol_indices, doc="CSC column pointers (int64, cols + 1)")
-    row_indices_t = property(lambda self: self._row_indices_t, doc="CSC row of each nonzero (int32)")
-    perm_t = property(lambda self: self._perm_t, doc="CSR index of each CSC entry (int32)")
 
     # ---------------------------------------------------------------------------------------------- building
     @classmethod
@@ -105,7 +95,7 @@ class SparseMatrix:
         if mask is None:
             mask = dense.detach() != 0
         crow, col = _pattern_of(mask, dense.shape, dense.device, "from_dense")
-        return cls._with_transpose(crow, col, dense[mask], tuple(dense.shape))
+        return cls(crow, col, dense[mask], tuple(dense.shape), validate=False)
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, values: torch.Tensor | None = None,
@@ -118,7 +108,7 @@ class SparseMatrix:
             values = torch.zeros(col.numel(), dtype=dtype, device=mask.device)
         elif values.shape != (col.numel(),):
             raise ValueError(f"from_mask: expected {col.numel()} values (one per True entry), got {tuple(values.shape)}")
-        return cls._with_transpose(crow, col, values, tuple(mask.shape))
+        return cls(crow, col, values, tuple(mask.shape), validate=False)
 
     @classmethod
     def from_csr(cls, crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
@@ -147,36 +137,19 @@ class SparseMatrix:
         check_csr("from_csr", crow, col, cols)
         if values.numel() != col.numel():
             raise ValueError(f"from_csr: {values.numel()} values for {col.numel()} nonzeros")
-        return cls._with_transpose(crow, col, values, (rows, cols))
-
-    @classmethod
-    def _with_transpose(cls, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-                        shape: tuple[int, int]) -> SparseMatrix:
-        nnz = col.numel()
-        if nnz > _INT32_MAX:
-            raise ValueError(f"SparseMatrix: {nnz} nonzeros do not fit int32 permutation indices")
-        perm = torch.argsort(col, stable=True)  # CSR is row-major, so equal columns keep ascending rows
-        row_t = row_of_each_nonzero(crow)[perm].to(torch.int32)
-        ccol = torch.zeros(shape[1] + 1, dtype=torch.int64, device=col.device)
-        if nnz:
-            ccol[1:] = torch.cumsum(torch.bincount(col.long(), minlength=shape[1]), dim=0)
-        return cls(crow, col, values, shape, ccol_indices=ccol, row_indices_t=row_t, perm_t=perm.to(torch.int32),
-                   validate=False)
+        return cls(crow, col, values, (rows, cols), validate=False)
 
     def with_values(self, values: torch.Tensor) -> SparseMatrix:
         """The same pattern (shared index tensors) with other values."""
         if values.shape != (self.nnz,):
             raise ValueError(f"with_values: expected {self.nnz} values, got shape {tuple(values.shape)}")
-        return SparseMatrix(self.crow_indices, self.col_indices, values, self.shape, ccol_indices=self.ccol_indices,
-                            row_indices_t=self.row_indices_t, perm_t=self.perm_t, validate=False)
+        return SparseMatrix(self.crow_indices, self.col_indices, values, self.shape, validate=False)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SparseMatrix:
         """Moves the pattern and values (values also cast to `dtype`, if given)."""
         move = lambda t: t.to(device) if device is not None else t  # noqa: E731
         values = self.values.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else self.values
-        return SparseMatrix(move(self.crow_indices), move(self.col_indices), values, self.shape,
-                            ccol_indices=move(self.ccol_indices), row_indices_t=move(self.row_indices_t),
-                            perm_t=move(self.perm_t), validate=False)
+        return SparseMatrix(move(self.crow_indices), move(self.col_indices), values, self.shape, validate=False)
 
     # ---------------------------------------------------------------------------------------------- reading
     @property
@@ -211,14 +184,17 @@ class SparseMatrix:
         dense = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         return dense.index_put((self.row_indices(), self.col_indices.long()), self.values)
 
+    def transpose_pattern(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The transposed (CSC) order, computed now and not kept: column pointers (int64, cols + 1), the row of
+        each entry (int32) and, for each entry, its index in the CSR order (int64)."""
+        check_csr("transpose_pattern", self.crow_indices, self.col_indices, self.shape[1])
+        positions = torch.arange(self.nnz, device=self.device)  # carried along: each entry's CSR index
+        return csr_transpose(positions, self.crow_indices, self.col_indices, self.shape[1])
+
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held, by part: values, CSR indices, transpose metadata."""
+        """Bytes held, by part: values and CSR indices (no transposed copy is kept)."""
         size = lambda t: t.numel() * t.element_size()  # noqa: E731
-        return {
-            "values": size(self.values),
-            "csr_indices": size(self.crow_indices) + size(self.col_indices),
-            "transpose_metadata": size(self.ccol_indices) + size(self.row_indices_t) + size(self.perm_t),
-        }
+        return {"values": size(self.values), "csr_indices": size(self.crow_indices) + size(self.col_indices)}
 
     def __repr__(self) -> str:
         return (f"SparseMatrix(shape={self.shape}, nnz={self.nnz}, density={self.density:.4f}, dtype={self.dtype}, "
@@ -226,12 +202,9 @@ class SparseMatrix:
 
     # ---------------------------------------------------------------------------------------------- checking
     def validate(self) -> None:
-        """Full check of both orders and their agreement; raises ValueError/TypeError with the offending values."""
-        rows, cols = self.shape
-        check_transpose_pair("SparseMatrix", self.crow_indices, self.col_indices, self.ccol_indices,
-                             self.row_indices_t, self.perm_t, rows, cols)
+        """Full check of the pattern; raises ValueError/TypeError with the offending values."""
+        check_csr("SparseMatrix", self.crow_indices, self.col_indices, self.shape[1])
 
 
-def _rebuild(crow, col, values, shape, ccol, row_t, perm_t) -> SparseMatrix:
-    return SparseMatrix(crow, col, values, shape, ccol_indices=ccol, row_indices_t=row_t, perm_t=perm_t,
-                        validate=False)
+def _rebuild(crow, col, values, shape) -> SparseMatrix:
+    return SparseMatrix(crow, col, values, shape, validate=False)

@@ -26,6 +26,7 @@
 #include "fedspa/cpu_features.h"
 #include "fedspa/cpu_layout.h"
 #include "fedspa/csr_checks.h"
+#include "fedspa/csr_transpose.h"
 
 namespace fedspa {
 namespace {
@@ -518,26 +519,29 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& values, const at::Tensor& crow, c
   return out;
 }
 
-at::Tensor sparse_conv2d_input_grad_cpu(const at::Tensor& values_t, const at::Tensor& tcrow, const at::Tensor& tcol,
-                                        const at::Tensor& grad_out_t, at::IntArrayRef input_hw,
+at::Tensor sparse_conv2d_input_grad_cpu(const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
+                                        const at::Tensor& grad_out_t, at::IntArrayRef input_chw,
                                         at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                                         at::IntArrayRef dilation) {
   constexpr const char* op = "sparse_conv2d_input_grad";
-  check_conv_values(op, values_t, false);
-  check_conv_activation(op, "grad_out_t", grad_out_t, values_t);
-  check_csr_metadata(op, tcrow, tcol, values_t.device());
-  TORCH_CHECK_VALUE(values_t.numel() == tcol.numel(), op, ": ", values_t.numel(), " values for ", tcol.numel(),
+  check_conv_values(op, values, false);
+  check_conv_activation(op, "grad_out_t", grad_out_t, values);
+  check_csr_metadata(op, crow, col, values.device());
+  TORCH_CHECK_VALUE(values.numel() == col.numel(), op, ": ", values.numel(), " values for ", col.numel(),
                     " nonzeros");
-  const Geometry g = input_grad_geometry(op, tcrow, grad_out_t, input_hw, kernel, stride, padding, dilation);
-  const at::Tensor tcrow_c = tcrow.contiguous();
-  const at::Tensor tcol_c = tcol.contiguous();
-  check_csr(op, tcrow_c, tcol_c, g.O);
-  const at::Tensor v = values_t.contiguous();
+  const Geometry g = input_grad_geometry(op, crow, grad_out_t, input_chw, kernel, stride, padding, dilation);
+  const at::Tensor crow_c = crow.contiguous();
+  const at::Tensor col_c = col.contiguous();
+  check_csr(op, crow_c, col_c, g.C * g.kh * g.kw);
+  const at::Tensor v = values.contiguous();
   const at::Tensor gout = feature_major(grad_out_t);
   at::Tensor gin = at::empty({g.C, g.H, g.W, g.N}, grad_out_t.options());
-  AT_DISPATCH_FLOATING_TYPES(values_t.scalar_type(), "sparse_conv2d_input_grad_cpu", [&] {
-    input_grad_dispatch<scalar_t>(v.data_ptr<scalar_t>(), tcrow_c.data_ptr<int64_t>(), tcol_c.data_ptr<int32_t>(),
-                                  gout.data_ptr<scalar_t>(), gin.data_ptr<scalar_t>(), g);
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparse_conv2d_input_grad_cpu", [&] {
+    // the gather below reads the weight column by column: its transposed order, built here for this call
+    const CscOf<scalar_t> t = csr_transpose_cpu(v.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(),
+                                                col_c.data_ptr<int32_t>(), g.O, g.C * g.kh * g.kw);
+    input_grad_dispatch<scalar_t>(t.values.get(), t.ccol.data(), t.row.get(), gout.data_ptr<scalar_t>(),
+                                  gin.data_ptr<scalar_t>(), g);
   });
   return gin;
 }

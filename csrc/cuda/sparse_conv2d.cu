@@ -6,8 +6,9 @@
 // - forward: blockIdx.y is an output channel; its nonzeros are decoded into taps (value, input offset, ky, kx)
 //   and staged through shared memory kThreads at a time; each thread owns one (position, batch) output element
 //   (grid-stride) and walks the taps, skipping those that land in the zero padding.
-// - input gradient: blockIdx.y is an input channel; for each kernel tap (ky, kx) the transposed order's entries
-//   of column (c, ky, kx) (output channel, value) are staged the same way; each thread owns one input element and
+// - input gradient: blockIdx.y is an input channel; for each kernel tap (ky, kx) the entries of the weight's column
+//   (c, ky, kx) (output channel, value), from its transposed order built per call with one stable sort of the CSR
+//   columns (csr_transpose_aten: no layer keeps it), are staged the same way; each thread owns one input element and
 //   reads grad_out at the output position its tap maps to, if there is one.
 // - weight gradient: a block per nonzero (grid-stride); its threads sum grad_out x input products over the
 //   positions where the tap lands inside the input and the batch, then reduce in shared memory.
@@ -24,6 +25,7 @@
 
 #include "fedspa/conv_geometry.h"
 #include "fedspa/csr_checks.h"
+#include "fedspa/csr_transpose.h"
 
 namespace fedspa {
 namespace {
@@ -210,33 +212,34 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& values, const at::Tensor& crow, 
   return out;
 }
 
-at::Tensor sparse_conv2d_input_grad_cuda(const at::Tensor& values_t, const at::Tensor& tcrow, const at::Tensor& tcol,
-                                         const at::Tensor& grad_out_t, at::IntArrayRef input_hw,
+at::Tensor sparse_conv2d_input_grad_cuda(const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
+                                         const at::Tensor& grad_out_t, at::IntArrayRef input_chw,
                                          at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                                          at::IntArrayRef dilation) {
   constexpr const char* op = "sparse_conv2d_input_grad";
-  check_conv_values(op, values_t, true);
-  check_conv_activation(op, "grad_out_t", grad_out_t, values_t);
-  check_csr_metadata(op, tcrow, tcol, values_t.device());
-  TORCH_CHECK_VALUE(values_t.numel() == tcol.numel(), op, ": ", values_t.numel(), " values for ", tcol.numel(),
+  check_conv_values(op, values, true);
+  check_conv_activation(op, "grad_out_t", grad_out_t, values);
+  check_csr_metadata(op, crow, col, values.device());
+  TORCH_CHECK_VALUE(values.numel() == col.numel(), op, ": ", values.numel(), " values for ", col.numel(),
                     " nonzeros");
-  const ConvGeometry g = input_grad_geometry(op, tcrow, grad_out_t, input_hw, kernel, stride, padding, dilation);
+  const ConvGeometry g = input_grad_geometry(op, crow, grad_out_t, input_chw, kernel, stride, padding, dilation);
   TORCH_CHECK_VALUE(g.C <= 65535, op, ": at most 65535 input channels on CUDA, got ", g.C);
-  const c10::cuda::CUDAGuard guard(values_t.device());
-  const at::Tensor tcrow_c = tcrow.contiguous();
-  const at::Tensor tcol_c = tcol.contiguous();
-  check_csr(op, tcrow_c, tcol_c, g.O);
+  const c10::cuda::CUDAGuard guard(values.device());
+  const at::Tensor crow_c = crow.contiguous();
+  const at::Tensor col_c = col.contiguous();
+  check_csr(op, crow_c, col_c, g.C * g.kh * g.kw);
   at::Tensor gin = at::empty({g.C, g.H, g.W, g.N}, grad_out_t.options());
   if (gin.numel() == 0) return gin;
-  const at::Tensor v = values_t.contiguous();
+  // the kernel reads the weight column by column: its transposed order, built for this call from the checked CSR
+  const auto [tcrow, tcol, tvalues] = csr_transpose_aten(values.contiguous(), crow_c, col_c, g.C * g.kh * g.kw);
   const at::Tensor gout = grad_out_t.contiguous();
   const dim3 grid(blocks_for(g.H * g.W * g.N), static_cast<unsigned>(g.C));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values_t.scalar_type(), "sparse_conv2d_input_grad_cuda",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_input_grad_cuda",
                                   [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     input_grad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        v.data_ptr<scalar_t>(), tcrow_c.data_ptr<int64_t>(), tcol_c.data_ptr<int32_t>(), gout.data_ptr<scalar_t>(),
+        tvalues.data_ptr<scalar_t>(), tcrow.data_ptr<int64_t>(), tcol.data_ptr<int32_t>(), gout.data_ptr<scalar_t>(),
         gin.data_ptr<scalar_t>(), to_device(g));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -1,4 +1,5 @@
-// CUDA kernel of fedspa::spmm: out (rows x N) = A (rows x cols, CSR) @ dense (cols x N).
+// CUDA kernel of fedspa::spmm: out (rows x N) = A (rows x cols, CSR) @ dense (cols x N); and fedspa::spmm_transposed
+// (A^T @ dense), the same kernel over A's transposed order, built per call from the CSR pattern.
 //
 // A block computes a 128-wide slice of output columns for one row at a time (grid-stride over rows and
 // column slices). The row's nonzeros are staged through shared memory 128 at a time; each thread then owns
@@ -15,6 +16,7 @@
 #include <cstdint>
 
 #include "fedspa/csr_checks.h"
+#include "fedspa/csr_transpose.h"
 
 namespace fedspa {
 namespace {
@@ -52,23 +54,28 @@ __global__ void spmm_kernel(const scalar_t* __restrict__ values, const int64_t* 
   }
 }
 
-at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& dense) {
+// dtypes, shapes and devices shared by spmm and spmm_transposed (dense has `inner` rows).
+void check_spmm_operands(const char* op, const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
+                         const at::Tensor& dense, int64_t inner) {
   TORCH_CHECK_TYPE(values.dim() == 1 && (values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble ||
                                          values.scalar_type() == at::kHalf || values.scalar_type() == at::kBFloat16),
-                   kOp, ": values must be a 1-D floating tensor, got ", values.scalar_type(), " of shape ",
+                   op, ": values must be a 1-D floating tensor, got ", values.scalar_type(), " of shape ",
                    values.sizes());
-  TORCH_CHECK_VALUE(dense.dim() == 2, kOp, ": dense must be 2-D (cols x N), got shape ", dense.sizes());
-  TORCH_CHECK_TYPE(dense.scalar_type() == values.scalar_type(), kOp, ": dense is ", dense.scalar_type(),
+  TORCH_CHECK_VALUE(dense.dim() == 2, op, ": dense must be 2-D, got shape ", dense.sizes());
+  TORCH_CHECK_TYPE(dense.scalar_type() == values.scalar_type(), op, ": dense is ", dense.scalar_type(),
                    " but values are ", values.scalar_type());
-  TORCH_CHECK_VALUE(dense.device() == values.device(), kOp, ": dense is on ", dense.device(), " but values are on ",
+  TORCH_CHECK_VALUE(dense.device() == values.device(), op, ": dense is on ", dense.device(), " but values are on ",
                     values.device());
-  check_csr_metadata(kOp, crow, col, values.device());
-  TORCH_CHECK_VALUE(values.numel() == col.numel(), kOp, ": ", values.numel(), " values for ", col.numel(),
+  check_csr_metadata(op, crow, col, values.device());
+  TORCH_CHECK_VALUE(values.numel() == col.numel(), op, ": ", values.numel(), " values for ", col.numel(),
                     " nonzeros");
-  const c10::cuda::CUDAGuard guard(values.device());
-  const at::Tensor crow_c = crow.contiguous();
-  const at::Tensor col_c = col.contiguous();
-  check_csr(kOp, crow_c, col_c, dense.size(0));
+  TORCH_CHECK_VALUE(inner < 0 || dense.size(0) == inner, op, ": the pattern needs ", inner,
+                    " rows of dense, got shape ", dense.sizes());
+}
+
+// out (rows x n) = A @ dense for a checked pattern.
+at::Tensor launch_spmm(const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
+                       const at::Tensor& dense) {
   const at::Tensor values_c = values.contiguous();
   const at::Tensor dense_c = dense.contiguous();
   const int64_t rows = crow.numel() - 1;
@@ -81,7 +88,7 @@ at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& crow, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     spmm_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(values_c.data_ptr<scalar_t>(),
-                                                                crow_c.data_ptr<int64_t>(), col_c.data_ptr<int32_t>(),
+                                                                crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(),
                                                                 dense_c.data_ptr<scalar_t>(),
                                                                 out.data_ptr<scalar_t>(), rows, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -89,8 +96,35 @@ at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& crow, const at:
   return out;
 }
 
+at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& dense) {
+  check_spmm_operands(kOp, values, crow, col, dense, -1);
+  const c10::cuda::CUDAGuard guard(values.device());
+  const at::Tensor crow_c = crow.contiguous();
+  const at::Tensor col_c = col.contiguous();
+  check_csr(kOp, crow_c, col_c, dense.size(0));
+  return launch_spmm(values, crow_c, col_c, dense);
+}
+
+// fedspa::spmm_transposed: out (cols x N) = A^T @ dense (rows x N), the same kernel over A's transposed order,
+// built for the call from the checked CSR pattern (one stable sort: no layer keeps it). Untimed on a GPU.
+at::Tensor spmm_transposed_cuda(const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
+                                const at::Tensor& dense, int64_t cols) {
+  constexpr const char* op = "spmm_transposed";
+  TORCH_CHECK_VALUE(cols >= 0, op, ": cols must be >= 0, got ", cols);
+  check_spmm_operands(op, values, crow, col, dense, crow.numel() - 1);
+  const c10::cuda::CUDAGuard guard(values.device());
+  const at::Tensor crow_c = crow.contiguous();
+  const at::Tensor col_c = col.contiguous();
+  check_csr(op, crow_c, col_c, cols);
+  const auto [tcrow, tcol, tvalues] = csr_transpose_aten(values.contiguous(), crow_c, col_c, cols);
+  return launch_spmm(tvalues, tcrow, tcol, dense);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fedspa, CUDA, m) { m.impl("spmm", &spmm_cuda); }
+TORCH_LIBRARY_IMPL(fedspa, CUDA, m) {
+  m.impl("spmm", &spmm_cuda);
+  m.impl("spmm_transposed", &spmm_transposed_cuda);
+}
 
 }  // namespace fedspa

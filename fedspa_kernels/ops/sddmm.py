@@ -11,11 +11,10 @@ in CSR order. Accumulates in fp32 (fp64 for fp64). Only the sampled dot products
 
 Differentiable op (every backend):
 
-    fedspa::sddmm_autograd(Tensor a, Tensor bt, Tensor crow_indices, Tensor col_indices, Tensor t_crow_indices,
-                           Tensor t_col_indices, Tensor t_perm, str backend) -> Tensor
+    fedspa::sddmm_autograd(Tensor a, Tensor bt, Tensor crow_indices, Tensor col_indices, str backend) -> Tensor
 
 with gradients d a = G @ bt and d bt = G^T @ a (fedspa::spmm_autograd), G the sparse matrix of the output
-gradient at the pattern.
+gradient at the pattern (in CSR order, like the output).
 """
 
 from __future__ import annotations
@@ -62,39 +61,35 @@ SDDMM = KernelOp("sddmm", "(Tensor a, Tensor bt, Tensor crow_indices, Tensor col
 # ------------------------------------------------------------------------------------------------------------------
 # The differentiable op
 # ------------------------------------------------------------------------------------------------------------------
-def _sddmm_autograd(a, bt, crow_indices, col_indices, t_crow_indices, t_col_indices, t_perm, backend):
+def _sddmm_autograd(a, bt, crow_indices, col_indices, backend):
     if backend not in ("cpp", "cuda"):  # native kernels transpose column-major operands themselves
         a, bt = a.contiguous(), bt.contiguous()
     return SDDMM.kernel(backend)(a, bt, crow_indices, col_indices)
 
 
-def _autograd_fake(a, bt, crow_indices, col_indices, t_crow_indices, t_col_indices, t_perm, backend):
+def _autograd_fake(a, bt, crow_indices, col_indices, backend):
     return a.new_empty(col_indices.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
-    a, bt, crow, col, tcrow, tcol, tperm, backend = inputs
-    ctx.backend = backend
-    ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, bt if ctx.needs_input_grad[0] else None,
-                          crow, col, tcrow, tcol, tperm)
+    a, bt, crow, col, backend = inputs
+    ctx.backend, ctx.cols = backend, bt.shape[0]
+    ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, bt if ctx.needs_input_grad[0] else None, crow, col)
 
 
 def _backward(ctx, grad):
-    a, bt, crow, col, tcrow, tcol, tperm = ctx.saved_tensors
+    a, bt, crow, col = ctx.saved_tensors
     grad = grad.contiguous()
-    pattern = (crow, col, tcrow, tcol, tperm)
     grad_a = grad_bt = None
     if ctx.needs_input_grad[0]:
-        grad_a = torch.ops.fedspa.spmm_autograd(grad, *pattern, bt, False, ctx.backend)
+        grad_a = torch.ops.fedspa.spmm_autograd(grad, crow, col, bt, False, ctx.cols, ctx.backend)
     if ctx.needs_input_grad[1]:
-        grad_bt = torch.ops.fedspa.spmm_autograd(grad, *pattern, a, True, ctx.backend)
-    return grad_a, grad_bt, None, None, None, None, None, None
+        grad_bt = torch.ops.fedspa.spmm_autograd(grad, crow, col, a, True, ctx.cols, ctx.backend)
+    return grad_a, grad_bt, None, None, None
 
 
 sddmm_autograd = autograd_op(
-    "sddmm_autograd",
-    "(Tensor a, Tensor bt, Tensor crow_indices, Tensor col_indices, Tensor t_crow_indices, Tensor t_col_indices, "
-    "Tensor t_perm, str backend) -> Tensor",
+    "sddmm_autograd", "(Tensor a, Tensor bt, Tensor crow_indices, Tensor col_indices, str backend) -> Tensor",
     _sddmm_autograd, _autograd_fake, _backward, _setup_context, flops=_flops)
 
 
@@ -131,7 +126,7 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, S: SparseMatrix, backend: str | None
     if a.device != S.device:
         raise ValueError(f"sddmm: a is on {a.device} but the pattern is on {S.device}")
     chosen = resolve_backend(backend, a.device, "sddmm")
-    return sddmm_autograd(a, b.t(), S.crow_indices, S.col_indices, S.ccol_indices, S.row_indices_t, S.perm_t, chosen)
+    return sddmm_autograd(a, b.t(), S.crow_indices, S.col_indices, chosen)
 
 
 def masked_matmul(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, backend: str | None = None) -> torch.Tensor:

@@ -7,12 +7,15 @@ convolution is an SpMM whose dense operand (the unfolded input) is never materia
 with a reference (below), C++ CPU, CUDA and Triton kernels:
 
     fedspa::sparse_conv2d(values, crow, col, input_t, kernel, stride, padding, dilation) -> out_t (O, H', W', N)
-    fedspa::sparse_conv2d_input_grad(values_t, t_crow, t_col, grad_out_t, input_hw, kernel, stride, padding,
-                                     dilation) -> grad_input_t (C, H, W, N)       (W's transposed order)
+    fedspa::sparse_conv2d_input_grad(values, crow, col, grad_out_t, input_chw, kernel, stride, padding, dilation)
+        -> grad_input_t (C, H, W, N)
     fedspa::sparse_conv2d_weight_grad(grad_out_t, input_t, crow, col, kernel, stride, padding, dilation)
         -> grad_values (nnz, CSR order)
 
-and the differentiable ``fedspa::sparse_conv2d_autograd`` taking both orders of W. Zero padding. Only stored
+and the differentiable ``fedspa::sparse_conv2d_autograd``. Every op takes W in its CSR order only: the input
+gradient's kernels, which read W column by column, build its transposed order for the call (a counting sort on the
+CPU, a stable sort on a GPU: O(nnz) beside the O(nnz x positions x batch) product), so no layer keeps a transposed
+copy of its pattern. Zero padding. Only stored
 weights multiply (a NaN or Inf input reaches exactly the outputs of the taps that read it). Double backward is
 not supported.
 """
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 
 from .._backends import resolve_backend
 from .._checks import (check_conv_forward_inputs, check_conv_input_grad_inputs, check_conv_weight_grad_inputs,
-                       gather_values, output_hw, row_of_each_nonzero)
+                       output_hw, row_of_each_nonzero)
 from .._op import KernelOp, autograd_op
 from ..sparse_matrix import SparseMatrix
 
@@ -78,24 +81,23 @@ def sparse_conv2d_reference(values, crow_indices, col_indices, input_t, kernel_s
     return out.to(values.dtype)
 
 
-def sparse_conv2d_input_grad_reference(values_t, t_crow_indices, t_col_indices, grad_out_t, input_hw, kernel_size,
-                                       stride, padding, dilation):
-    """Pure-PyTorch fedspa::sparse_conv2d_input_grad (through the transposed order: rows are W's columns)."""
-    in_channels = check_conv_input_grad_inputs("sparse_conv2d_input_grad", values_t, t_crow_indices, t_col_indices,
-                                               grad_out_t, input_hw, kernel_size, stride, padding, dilation)
-    acc = _accumulation(values_t.dtype)
+def sparse_conv2d_input_grad_reference(values, crow_indices, col_indices, grad_out_t, input_chw, kernel_size, stride,
+                                       padding, dilation):
+    """Pure-PyTorch fedspa::sparse_conv2d_input_grad: per kernel tap, each stored weight times its output channel's
+    gradient, added into its input channel's (shifted) window."""
+    check_conv_input_grad_inputs("sparse_conv2d_input_grad", values, crow_indices, col_indices, grad_out_t,
+                                 input_chw, kernel_size, stride, padding, dilation)
+    acc = _accumulation(values.dtype)
     _, out_h, out_w, batch = grad_out_t.shape
-    height, width = input_hw
+    in_channels, height, width = input_chw
     padded = torch.zeros(in_channels, height + 2 * padding[0], width + 2 * padding[1], batch, dtype=acc,
-                         device=values_t.device)
-    columns = row_of_each_nonzero(t_crow_indices)  # W's column (c, ky, kx) of every entry
-    channels, taps = columns // (kernel_size[0] * kernel_size[1]), columns % (kernel_size[0] * kernel_size[1])
-    outs = t_col_indices.long()
+                         device=values.device)
+    outs, channels, taps = _taps(crow_indices, col_indices, kernel_size)
     grad = grad_out_t.to(acc)
-    v = values_t.to(acc)
+    v = values.to(acc)
     for tap in range(kernel_size[0] * kernel_size[1]):
         at = (taps == tap).nonzero().squeeze(1)
-        contribution = torch.zeros(in_channels, out_h, out_w, batch, dtype=acc, device=values_t.device)
+        contribution = torch.zeros(in_channels, out_h, out_w, batch, dtype=acc, device=values.device)
         starts, step = _chunks(at.numel(), out_h * out_w * batch)
         for s in starts:
             k = at[s:s + step]
@@ -103,7 +105,7 @@ def sparse_conv2d_input_grad_reference(values_t, t_crow_indices, t_col_indices, 
         _window(padded, tap // kernel_size[1], tap % kernel_size[1], (out_h, out_w), stride, dilation).add_(
             contribution)
     grad_input = padded[:, padding[0]:padding[0] + height, padding[1]:padding[1] + width]
-    return grad_input.contiguous().to(values_t.dtype)
+    return grad_input.contiguous().to(values.dtype)
 
 
 def sparse_conv2d_weight_grad_reference(grad_out_t, input_t, crow_indices, col_indices, kernel_size, stride, padding,
@@ -135,10 +137,8 @@ def _forward_fake(values, crow_indices, col_indices, input_t, kernel_size, strid
     return input_t.new_empty(crow_indices.shape[0] - 1, out_h, out_w, input_t.shape[3])
 
 
-def _input_grad_fake(values_t, t_crow_indices, t_col_indices, grad_out_t, input_hw, kernel_size, stride, padding,
-                     dilation):
-    channels = (t_crow_indices.shape[0] - 1) // (kernel_size[0] * kernel_size[1])
-    return grad_out_t.new_empty(channels, input_hw[0], input_hw[1], grad_out_t.shape[3])
+def _input_grad_fake(values, crow_indices, col_indices, grad_out_t, input_chw, kernel_size, stride, padding, dilation):
+    return grad_out_t.new_empty(input_chw[0], input_chw[1], input_chw[2], grad_out_t.shape[3])
 
 
 def _weight_grad_fake(grad_out_t, input_t, crow_indices, col_indices, kernel_size, stride, padding, dilation):
@@ -158,11 +158,11 @@ SPARSE_CONV2D = KernelOp(
     flops=lambda values, *args, out_shape=None, **kwargs: _conv_flops(values[0], out_shape))
 SPARSE_CONV2D_INPUT_GRAD = KernelOp(
     "sparse_conv2d_input_grad",
-    f"(Tensor values_t, Tensor t_crow_indices, Tensor t_col_indices, Tensor grad_out_t, int[] input_hw, "
+    f"(Tensor values, Tensor crow_indices, Tensor col_indices, Tensor grad_out_t, int[] input_chw, "
     f"{_GEOMETRY}) -> Tensor",
     reference=sparse_conv2d_input_grad_reference, fake=_input_grad_fake,
     triton=f"{_TRITON}:sparse_conv2d_input_grad_triton",
-    flops=lambda values, t_crow, t_col, grad_out, *args, out_shape=None, **kwargs: _conv_flops(values[0], grad_out))
+    flops=lambda values, crow, col, grad_out, *args, out_shape=None, **kwargs: _conv_flops(values[0], grad_out))
 SPARSE_CONV2D_WEIGHT_GRAD = KernelOp(
     "sparse_conv2d_weight_grad",
     f"(Tensor grad_out_t, Tensor input_t, Tensor crow_indices, Tensor col_indices, {_GEOMETRY}) -> Tensor",
@@ -174,43 +174,41 @@ SPARSE_CONV2D_WEIGHT_GRAD = KernelOp(
 # ------------------------------------------------------------------------------------------------------------------
 # The differentiable op
 # ------------------------------------------------------------------------------------------------------------------
-def _sparse_conv2d_autograd(values, crow_indices, col_indices, t_crow_indices, t_col_indices, t_perm, input_t,
-                            kernel_size, stride, padding, dilation, backend):
+def _sparse_conv2d_autograd(values, crow_indices, col_indices, input_t, kernel_size, stride, padding, dilation,
+                            backend):
     if backend not in ("cpp", "cuda"):
         input_t = input_t.contiguous()  # native kernels make their own (parallel) copies
     return SPARSE_CONV2D.kernel(backend)(values, crow_indices, col_indices, input_t, kernel_size, stride, padding,
                                          dilation)
 
 
-def _autograd_fake(values, crow_indices, col_indices, t_crow_indices, t_col_indices, t_perm, input_t, kernel_size,
-                   stride, padding, dilation, backend):
+def _autograd_fake(values, crow_indices, col_indices, input_t, kernel_size, stride, padding, dilation, backend):
     return _forward_fake(values, crow_indices, col_indices, input_t, kernel_size, stride, padding, dilation)
 
 
 def _setup_context(ctx, inputs, output):
-    values, crow, col, tcrow, tcol, tperm, input_t, kernel_size, stride, padding, dilation, backend = inputs
+    values, crow, col, input_t, kernel_size, stride, padding, dilation, backend = inputs
     ctx.geometry = (list(kernel_size), list(stride), list(padding), list(dilation))
-    ctx.input_hw = list(input_t.shape[1:3])
+    ctx.input_chw = list(input_t.shape[:3])
     ctx.backend = backend
-    ctx.save_for_backward(values if ctx.needs_input_grad[6] else None, input_t if ctx.needs_input_grad[0] else None,
-                          crow, col, tcrow, tcol, tperm)
+    ctx.save_for_backward(values if ctx.needs_input_grad[3] else None, input_t if ctx.needs_input_grad[0] else None,
+                          crow, col)
 
 
 def _backward(ctx, grad):
-    values, input_t, crow, col, tcrow, tcol, tperm = ctx.saved_tensors
+    values, input_t, crow, col = ctx.saved_tensors
     grad_values = grad_input = None
     if ctx.needs_input_grad[0]:
         grad_values = SPARSE_CONV2D_WEIGHT_GRAD.kernel(ctx.backend)(grad, input_t, crow, col, *ctx.geometry)
-    if ctx.needs_input_grad[6]:
-        grad_input = SPARSE_CONV2D_INPUT_GRAD.kernel(ctx.backend)(
-            gather_values("sparse_conv2d", values, tperm), tcrow, tcol, grad, ctx.input_hw, *ctx.geometry)
-    return (grad_values, None, None, None, None, None, grad_input, None, None, None, None, None)
+    if ctx.needs_input_grad[3]:
+        grad_input = SPARSE_CONV2D_INPUT_GRAD.kernel(ctx.backend)(values, crow, col, grad, ctx.input_chw,
+                                                                  *ctx.geometry)
+    return (grad_values, None, None, grad_input, None, None, None, None, None)
 
 
 sparse_conv2d_autograd = autograd_op(
     "sparse_conv2d_autograd",
-    f"(Tensor values, Tensor crow_indices, Tensor col_indices, Tensor t_crow_indices, Tensor t_col_indices, "
-    f"Tensor t_perm, Tensor input_t, {_GEOMETRY}, str backend) -> Tensor",
+    f"(Tensor values, Tensor crow_indices, Tensor col_indices, Tensor input_t, {_GEOMETRY}, str backend) -> Tensor",
     _sparse_conv2d_autograd, _autograd_fake, _backward, _setup_context,
     flops=lambda values, *args, out_shape=None, **kwargs: _conv_flops(values[0], out_shape))
 
@@ -264,9 +262,8 @@ def sparse_conv2d(input: torch.Tensor, weight: SparseMatrix, kernel_size, bias: 
         raise ValueError(f"sparse_conv2d: bias must be ({weight.shape[0]},) {weight.dtype} on {weight.device}, got "
                          f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
     chosen = resolve_backend(backend, input_t.device, "sparse_conv2d")
-    out_t = sparse_conv2d_autograd(weight.values, weight.crow_indices, weight.col_indices, weight.ccol_indices,
-                                   weight.row_indices_t, weight.perm_t, input_t, kernel_size, stride, padding,
-                                   dilation, chosen)
+    out_t = sparse_conv2d_autograd(weight.values, weight.crow_indices, weight.col_indices, input_t, kernel_size,
+                                   stride, padding, dilation, chosen)
     if bias is not None:
         out_t = out_t + bias.view(-1, 1, 1, 1)
     return out_t if channels_last_batch else out_t.permute(3, 0, 1, 2)

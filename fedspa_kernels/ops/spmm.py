@@ -1,23 +1,26 @@
-"""SpMM: sparse (CSR) x dense, its differentiable form, and the sparse linear layer built on it.
+"""SpMM: sparse (CSR) x dense and sparse^T x dense, their differentiable form, and the sparse linear layer.
 
-Kernel op (reference below, C++ CPU and CUDA in csrc/*/spmm.*, Triton in triton_kernels/spmm.py):
+Kernel ops (references below, C++ CPU and CUDA in csrc/*/spmm*.*, Triton in triton_kernels/spmm.py):
 
     fedspa::spmm(Tensor values, Tensor crow_indices, Tensor col_indices, Tensor dense) -> Tensor
+    fedspa::spmm_transposed(Tensor values, Tensor crow_indices, Tensor col_indices, Tensor dense, int cols) -> Tensor
 
-``out[r, :] = sum over k in [crow[r], crow[r+1]) of values[k] * dense[col[k], :]``: out is (rows x N) with
-rows = len(crow) - 1, dense is (cols x N), values are in the pattern's own order. Accumulates in fp32 (fp64 for
-fp64). Only stored entries multiply: a NaN or Inf in dense row j reaches exactly the output rows with a nonzero in
-column j (as torch.sparse does; a stored zero times Inf is NaN, as IEEE says).
+spmm: ``out[r, :] = sum over k in [crow[r], crow[r+1]) of values[k] * dense[col[k], :]``: out is (rows x N) with
+rows = len(crow) - 1, dense is (cols x N). spmm_transposed: ``out = S^T @ dense`` for S (rows x cols) given in CSR
+and dense (rows x N), out (cols x N): ``out[col[k], :] += values[k] * dense[r, :]`` for every nonzero k of row r.
+Both read only the CSR pattern: no transposed copy of a pattern is kept anywhere (the C++ kernel scatters along
+the rows; the CUDA and Triton kernels build the transposed order for the call). Accumulate in fp32 (fp64 for
+fp64). Only stored entries multiply: a NaN or Inf in a dense row reaches exactly the outputs its nonzeros feed (as
+torch.sparse does; a stored zero times Inf is NaN, as IEEE says).
 
 Differentiable op (every backend):
 
-    fedspa::spmm_autograd(Tensor values, Tensor crow_indices, Tensor col_indices, Tensor t_crow_indices,
-                          Tensor t_col_indices, Tensor t_perm, Tensor dense, bool transpose, str backend) -> Tensor
+    fedspa::spmm_autograd(Tensor values, Tensor crow_indices, Tensor col_indices, Tensor dense, bool transpose,
+                          int cols, str backend) -> Tensor
 
-S @ dense (or S^T @ dense) for S given in CSR (values in CSR order) and CSC (``t_perm[j]``: the CSR index of CSC
-entry j). Gradients: d values = SDDMM at S's pattern, in CSR order (fedspa::sddmm_autograd); d dense = the product
-with the other order. So no kernel reads or writes through a permutation: the CSC values are gathered with a
-bounds-checked index_select, and no dense matrix or dense weight gradient is ever formed.
+S @ dense (or S^T @ dense) for S (rows x cols) in CSR. Gradients: d values = SDDMM at S's pattern, in CSR order
+(fedspa::sddmm_autograd); d dense = the product the other way round. No dense matrix or dense weight gradient is
+ever formed.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .._backends import resolve_backend
-from .._checks import check_spmm_inputs, gather_values, row_of_each_nonzero
+from .._checks import check_spmm_inputs, row_of_each_nonzero
 from .._op import KernelOp, autograd_op
 from ..sparse_matrix import SparseMatrix
 
@@ -63,49 +66,73 @@ SPMM = KernelOp("spmm", "(Tensor values, Tensor crow_indices, Tensor col_indices
                 flops=_flops)
 
 
+def spmm_transposed_reference(values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+                              dense: torch.Tensor, cols: int) -> torch.Tensor:
+    """Pure-PyTorch fedspa::spmm_transposed: each stored entry times its dense row, added into the output row of its
+    column (the oracle)."""
+    check_spmm_inputs("spmm_transposed", values, crow_indices, col_indices, dense, cols)
+    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    n = dense.shape[1]
+    out = torch.zeros(cols, n, dtype=acc, device=values.device)
+    row = row_of_each_nonzero(crow_indices)
+    col = col_indices.long()
+    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    for start in range(0, col.numel(), step):
+        stop = start + step
+        out.index_add_(0, col[start:stop], values[start:stop].to(acc)[:, None] * dense[row[start:stop]].to(acc))
+    return out.to(values.dtype)
+
+
+def _transposed_fake(values, crow_indices, col_indices, dense, cols):
+    torch._check(dense.dim() == 2, lambda: f"dense must be 2-D, got {dense.dim()}-D")
+    return dense.new_empty(cols, dense.shape[1])
+
+
+SPMM_TRANSPOSED = KernelOp(
+    "spmm_transposed",
+    "(Tensor values, Tensor crow_indices, Tensor col_indices, Tensor dense, int cols) -> Tensor",
+    reference=spmm_transposed_reference, fake=_transposed_fake,
+    triton="fedspa_kernels.triton_kernels.spmm:spmm_transposed_triton", flops=_flops)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The differentiable op
 # ------------------------------------------------------------------------------------------------------------------
-def _spmm_autograd(values, crow_indices, col_indices, t_crow_indices, t_col_indices, t_perm, dense, transpose,
-                   backend):
-    kernel = SPMM.kernel(backend)
+def _spmm_autograd(values, crow_indices, col_indices, dense, transpose, cols, backend):
     if backend not in ("cpp", "cuda"):  # native kernels transpose column-major operands themselves (in parallel)
         dense = dense.contiguous()
     if transpose:
-        return kernel(gather_values("spmm", values, t_perm), t_crow_indices, t_col_indices, dense)
-    return kernel(values, crow_indices, col_indices, dense)
+        return SPMM_TRANSPOSED.kernel(backend)(values, crow_indices, col_indices, dense, cols)
+    return SPMM.kernel(backend)(values, crow_indices, col_indices, dense)
 
 
-def _autograd_fake(values, crow_indices, col_indices, t_crow_indices, t_col_indices, t_perm, dense, transpose,
-                   backend):
-    rows = (t_crow_indices if transpose else crow_indices).shape[0] - 1
-    return dense.new_empty(rows, dense.shape[1])
+def _autograd_fake(values, crow_indices, col_indices, dense, transpose, cols, backend):
+    return dense.new_empty(cols if transpose else crow_indices.shape[0] - 1, dense.shape[1])
 
 
 def _setup_context(ctx, inputs, output):
-    values, crow, col, tcrow, tcol, tperm, dense, transpose, backend = inputs
-    ctx.transpose, ctx.backend = transpose, backend
-    ctx.save_for_backward(values if ctx.needs_input_grad[6] else None, dense if ctx.needs_input_grad[0] else None,
-                          crow, col, tcrow, tcol, tperm)
+    values, crow, col, dense, transpose, cols, backend = inputs
+    ctx.transpose, ctx.cols, ctx.backend = transpose, cols, backend
+    ctx.save_for_backward(values if ctx.needs_input_grad[3] else None, dense if ctx.needs_input_grad[0] else None,
+                          crow, col)
 
 
 def _backward(ctx, grad):
-    values, dense, crow, col, tcrow, tcol, tperm = ctx.saved_tensors
+    values, dense, crow, col = ctx.saved_tensors
     grad = grad.contiguous()
     grad_values = grad_dense = None
-    pattern = (crow, col, tcrow, tcol, tperm)
     if ctx.needs_input_grad[0]:  # in CSR order whichever way the product went
         a, bt = (dense, grad) if ctx.transpose else (grad, dense)
-        grad_values = torch.ops.fedspa.sddmm_autograd(a, bt, *pattern, ctx.backend)
-    if ctx.needs_input_grad[6]:
-        grad_dense = torch.ops.fedspa.spmm_autograd(values, *pattern, grad, not ctx.transpose, ctx.backend)
-    return grad_values, None, None, None, None, None, grad_dense, None, None
+        grad_values = torch.ops.fedspa.sddmm_autograd(a, bt, crow, col, ctx.backend)
+    if ctx.needs_input_grad[3]:
+        grad_dense = torch.ops.fedspa.spmm_autograd(values, crow, col, grad, not ctx.transpose, ctx.cols, ctx.backend)
+    return grad_values, None, None, grad_dense, None, None, None
 
 
 spmm_autograd = autograd_op(
     "spmm_autograd",
-    "(Tensor values, Tensor crow_indices, Tensor col_indices, Tensor t_crow_indices, Tensor t_col_indices, "
-    "Tensor t_perm, Tensor dense, bool transpose, str backend) -> Tensor",
+    "(Tensor values, Tensor crow_indices, Tensor col_indices, Tensor dense, bool transpose, int cols, str backend) "
+    "-> Tensor",
     _spmm_autograd, _autograd_fake, _backward, _setup_context, flops=_flops)
 
 
@@ -129,7 +156,7 @@ def spmm(S: SparseMatrix, d: torch.Tensor, transpose: bool = False, backend: str
     Args:
         S: the sparse matrix (rows x cols).
         d: dense (cols x N), or (rows x N) when transposed; a 1-D vector gives a 1-D result.
-        transpose: multiply by S^T, through the cached transpose metadata (no re-sort).
+        transpose: multiply by S^T (from the same CSR pattern).
         backend: None (best available), "reference", "cpp", "cuda" or "triton".
 
     Returns:
@@ -142,8 +169,7 @@ def spmm(S: SparseMatrix, d: torch.Tensor, transpose: bool = False, backend: str
     if dense.dim() != 2 or dense.shape[0] != inner:
         raise ValueError(f"spmm: {'S^T' if transpose else 'S'} has {inner} columns but d has shape {tuple(d.shape)}")
     chosen = resolve_backend(backend, S.device, "spmm")
-    out = spmm_autograd(S.values, S.crow_indices, S.col_indices, S.ccol_indices, S.row_indices_t, S.perm_t, dense,
-                        bool(transpose), chosen)
+    out = spmm_autograd(S.values, S.crow_indices, S.col_indices, dense, bool(transpose), S.shape[1], chosen)
     return out.squeeze(1) if vector else out
 
 

@@ -4,7 +4,8 @@
   are decoded BLOCK_NZ at a time into (c, ky, kx) taps and their input batch vectors gathered as a
   (BLOCK_NZ x BLOCK_N) tile (taps outside the input are masked off: zero padding).
 - input gradient: one program per (input channel, input position, BLOCK_N); for each kernel tap whose output
-  position exists, the transposed order's entries of column (c, ky, kx) are gathered the same way.
+  position exists, the entries of the weight's column (c, ky, kx) are gathered the same way, from the transposed
+  order the launcher builds for the call (one stable sort of the CSR columns).
 - weight gradient: one program per nonzero; the products of grad_out and input batch vectors are summed over
   the positions where the tap lands inside the input, BLOCK_P positions x BLOCK_N batch elements at a time.
 
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._checks import (check_conv_forward_inputs, check_conv_input_grad_inputs, check_conv_weight_grad_inputs,
-                       output_hw, row_of_each_nonzero)
+                       csr_transpose, output_hw, row_of_each_nonzero)
 from ._launch import accumulator, check_device
 
 _BLOCK_NZ = 32
@@ -143,23 +144,25 @@ def sparse_conv2d_triton(values, crow_indices, col_indices, input_t, kernel_size
     return out
 
 
-def sparse_conv2d_input_grad_triton(values_t, t_crow_indices, t_col_indices, grad_out_t, input_hw, kernel_size,
-                                    stride, padding, dilation):
-    """Triton fedspa::sparse_conv2d_input_grad (same contract as the reference)."""
-    channels = check_conv_input_grad_inputs("sparse_conv2d_input_grad", values_t, t_crow_indices, t_col_indices,
-                                            grad_out_t, input_hw, kernel_size, stride, padding, dilation)
-    check_device("sparse_conv2d_input_grad", values_t.device)
+def sparse_conv2d_input_grad_triton(values, crow_indices, col_indices, grad_out_t, input_chw, kernel_size, stride,
+                                    padding, dilation):
+    """Triton fedspa::sparse_conv2d_input_grad (same contract as the reference): the weight's transposed order is
+    built for the call from the checked CSR pattern, then gathered column by column."""
+    check_conv_input_grad_inputs("sparse_conv2d_input_grad", values, crow_indices, col_indices, grad_out_t, input_chw,
+                                 kernel_size, stride, padding, dilation)
+    check_device("sparse_conv2d_input_grad", values.device)
     _, out_h, out_w, batch = grad_out_t.shape
-    height, width = input_hw
+    channels, height, width = input_chw
     grad_input = torch.empty((channels, height, width, batch), dtype=grad_out_t.dtype, device=grad_out_t.device)
     if grad_input.numel() == 0:
         return grad_input
+    t_crow, t_col, values_t = csr_transpose(values, crow_indices, col_indices,
+                                            channels * kernel_size[0] * kernel_size[1])
     grid = (channels, height * width, triton.cdiv(batch, _BLOCK_N))
-    _input_grad_kernel[grid](values_t.contiguous(), t_crow_indices.contiguous(), t_col_indices.contiguous(),
-                             grad_out_t.contiguous(), grad_input,
+    _input_grad_kernel[grid](values_t.contiguous(), t_crow, t_col, grad_out_t.contiguous(), grad_input,
                              *_geometry_args(height, width, batch, out_h, out_w, kernel_size, stride, padding,
                                              dilation),
-                             ACC=accumulator(values_t.dtype), BLOCK_NZ=_BLOCK_NZ, BLOCK_N=_BLOCK_N)
+                             ACC=accumulator(values.dtype), BLOCK_NZ=_BLOCK_NZ, BLOCK_N=_BLOCK_N)
     return grad_input
 
 

@@ -1,4 +1,6 @@
-"""Triton kernel of fedspa::spmm_triton: out (rows x N) = A (CSR) @ dense (cols x N).
+"""Triton kernel of fedspa::spmm_triton: out (rows x N) = A (CSR) @ dense (cols x N); and of
+fedspa::spmm_transposed_triton: out (cols x N) = A^T @ dense (rows x N), the same kernel over A's transposed order,
+which the launcher builds for the call from the checked CSR pattern (one stable sort of the columns).
 
 One program per (row, BLOCK_N output columns): the row's nonzeros are taken BLOCK_NZ at a time, their dense
 rows gathered as a (BLOCK_NZ x BLOCK_N) tile and reduced against the values (elementwise products and a sum:
@@ -12,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_spmm_inputs
+from .._checks import check_spmm_inputs, csr_transpose
 from ._launch import accumulator, check_device
 
 _BLOCK_NZ = 32
@@ -52,6 +54,22 @@ def spmm_triton(values: torch.Tensor, crow_indices: torch.Tensor, col_indices: t
     grid = (rows, triton.cdiv(n, _BLOCK_N))
     _spmm_kernel[grid](values.contiguous(), crow_indices.contiguous(), col_indices.contiguous(), dense.contiguous(),
                        out, n, ACC=accumulator(values.dtype), BLOCK_NZ=_BLOCK_NZ, BLOCK_N=_BLOCK_N)
+    return out
+
+
+def spmm_transposed_triton(values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+                           dense: torch.Tensor, cols: int) -> torch.Tensor:
+    """Triton fedspa::spmm_transposed (same contract as the reference)."""
+    check_spmm_inputs("spmm_transposed", values, crow_indices, col_indices, dense, cols)
+    check_device("spmm_transposed", values.device)
+    n = dense.shape[1]
+    out = torch.empty((cols, n), dtype=dense.dtype, device=dense.device)
+    if cols == 0 or n == 0:
+        return out
+    t_crow, t_col, values_t = csr_transpose(values, crow_indices, col_indices, cols)
+    grid = (cols, triton.cdiv(n, _BLOCK_N))
+    _spmm_kernel[grid](values_t.contiguous(), t_crow, t_col, dense.contiguous(), out, n,
+                       ACC=accumulator(values.dtype), BLOCK_NZ=_BLOCK_NZ, BLOCK_N=_BLOCK_N)
     return out
 
 

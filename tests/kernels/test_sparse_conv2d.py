@@ -78,8 +78,7 @@ def test_forward_and_gradients_match_dense_conv(backend, device, geometry, densi
 
 @pytest.mark.parametrize("backend,device", PARAMS)
 def test_kernel_ops_direct(backend, device):
-    """The raw kernel ops (feature-major layout; the input gradient on the transposed order) against their
-    references."""
+    """The raw kernel ops (feature-major layout; every op on the CSR order) against their references."""
     kernel, stride, padding, dilation = [3, 3], [2, 1], [1, 1], [1, 2]
     S = _sparse_weight(6, 3, kernel, 0.4, torch.float32, device)
     x_t = torch.randn(3, 9, 10, 4, device=device)
@@ -93,9 +92,9 @@ def test_kernel_ops_direct(backend, device):
     ref_w = weight_grad.kernel("reference")(grad_out_t, x_t, S.crow_indices, S.col_indices, *geometry)
     got_w = weight_grad.kernel(backend)(grad_out_t, x_t, S.crow_indices, S.col_indices, *geometry)
     _close(got_w, ref_w, 2e-5)
-    values_t = values[S.perm_t]
-    ref_i = input_grad.kernel("reference")(values_t, S.ccol_indices, S.row_indices_t, grad_out_t, [9, 10], *geometry)
-    got_i = input_grad.kernel(backend)(values_t, S.ccol_indices, S.row_indices_t, grad_out_t, [9, 10], *geometry)
+    ref_i = input_grad.kernel("reference")(values, S.crow_indices, S.col_indices, grad_out_t, [3, 9, 10], *geometry)
+    poison_allocator(ref_i.numel(), torch.float32, device)
+    got_i = input_grad.kernel(backend)(values, S.crow_indices, S.col_indices, grad_out_t, [3, 9, 10], *geometry)
     _close(got_i, ref_i, 2e-5)
 
 
@@ -115,8 +114,8 @@ def test_the_references_equal_torchs_dense_convolution():
     got_w = fk.ops.sparse_conv2d.sparse_conv2d_weight_grad_reference(g_t, x_t, S.crow_indices, S.col_indices,
                                                                       *geometry)
     torch.testing.assert_close(got_w, w.grad.reshape(5, -1)[S.mask()])
-    got_i = fk.ops.sparse_conv2d.sparse_conv2d_input_grad_reference(S.values[S.perm_t], S.ccol_indices,
-                                                                     S.row_indices_t, g_t, [11, 9], *geometry)
+    got_i = fk.ops.sparse_conv2d.sparse_conv2d_input_grad_reference(S.values, S.crow_indices, S.col_indices, g_t,
+                                                                     [3, 11, 9], *geometry)
     torch.testing.assert_close(got_i, x.grad.permute(1, 2, 3, 0))
 
 
@@ -172,13 +171,12 @@ def test_opcheck(backend, device):
                               (S.values, S.crow_indices, S.col_indices, x_t, *geometry))
         grad_out_t = torch.randn(4, 6, 5, 3, device=device)
         torch.library.opcheck(getattr(torch.ops.fedspa, "sparse_conv2d_input_grad" + suffix),
-                              (S.values[S.perm_t], S.ccol_indices, S.row_indices_t, grad_out_t, [6, 5], *geometry))
+                              (S.values, S.crow_indices, S.col_indices, grad_out_t, [2, 6, 5], *geometry))
         torch.library.opcheck(getattr(torch.ops.fedspa, "sparse_conv2d_weight_grad" + suffix),
                               (grad_out_t, x_t, S.crow_indices, S.col_indices, *geometry))
     values = S.values.detach().clone().requires_grad_()
     torch.library.opcheck(torch.ops.fedspa.sparse_conv2d_autograd,
-                          (values, S.crow_indices, S.col_indices, S.ccol_indices, S.row_indices_t, S.perm_t,
-                           x_t.requires_grad_(), *geometry, backend))
+                          (values, S.crow_indices, S.col_indices, x_t.requires_grad_(), *geometry, backend))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -210,17 +208,20 @@ def test_bad_input_in_direct_op_calls(backend, device):
     with pytest.raises(ValueError, match="grad_out_t is"):
         weight_grad(torch.randn(2, 4, 5, 2, device=device), x_t, crow, col, *geometry)
     S = fk.SparseMatrix.from_dense(torch.randn(2, 18, device=device), torch.rand(2, 18, device=device) < 0.5)
+    grad_out_t = torch.randn(2, 5, 5, 2, device=device)
     with pytest.raises(ValueError, match=r"an input of \[6, 6\] gives (\(6, 6\)|6x6) outputs"):
-        input_grad(S.values[S.perm_t], S.ccol_indices, S.row_indices_t, torch.randn(2, 5, 5, 2, device=device),
-                   [6, 6], *geometry)
-    with pytest.raises(ValueError, match="not a multiple of the kernel's 4 taps"):
-        input_grad(S.values[S.perm_t], S.ccol_indices, S.row_indices_t, torch.randn(2, 5, 5, 2, device=device),
-                   [5, 5], [2, 2], [1, 1], [0, 0], [1, 1])
-    with pytest.raises(ValueError, match=r"col_indices\[0\] = 9 is outside \[0, 2\)"):  # t_col: output channels
-        bad = S.row_indices_t.clone()
-        bad[0] = 9
-        input_grad(S.values[S.perm_t], S.ccol_indices, bad, torch.randn(2, 5, 5, 2, device=device), [5, 5],
+        input_grad(S.values, S.crow_indices, S.col_indices, grad_out_t, [2, 6, 6], *geometry)
+    with pytest.raises(ValueError, match=r"input_chw must be three integers"):
+        input_grad(S.values, S.crow_indices, S.col_indices, grad_out_t, [5, 5], *geometry)
+    with pytest.raises(ValueError, match=r"the pattern has 2 rows \(output channels\) but grad_out_t is"):
+        input_grad(S.values, S.crow_indices, S.col_indices, torch.randn(3, 5, 5, 2, device=device), [2, 5, 5],
                    *geometry)
+    bad = S.col_indices.clone()
+    bad[0] = 30
+    with pytest.raises(ValueError, match=r"col_indices\[0\] = 30 is outside \[0, 18\)"):
+        input_grad(S.values, S.crow_indices, bad, grad_out_t, [2, 5, 5], *geometry)
+    with pytest.raises(ValueError, match=r"col_indices\[\d+\] = \d+ is outside \[0, 9\)"):  # 1 channel: 9 columns
+        input_grad(S.values, S.crow_indices, S.col_indices, grad_out_t, [1, 5, 5], *geometry)
 
 
 def test_public_api_errors():
@@ -289,8 +290,7 @@ def test_spatially_tiled_cpu_kernels_match_the_references(backend, device, geome
     poison_allocator(ref.numel(), torch.float32, device)
     _close(forward.kernel(backend)(S.values, S.crow_indices, S.col_indices, x_t, *geo), ref, 2e-5)
     grad_out_t = torch.randn_like(ref)
-    values_t = S.values[S.perm_t]
-    ref_i = input_grad.kernel("reference")(values_t, S.ccol_indices, S.row_indices_t, grad_out_t, list(hw), *geo)
+    ref_i = input_grad.kernel("reference")(S.values, S.crow_indices, S.col_indices, grad_out_t, [in_c, *hw], *geo)
     poison_allocator(ref_i.numel(), torch.float32, device)
-    _close(input_grad.kernel(backend)(values_t, S.ccol_indices, S.row_indices_t, grad_out_t, list(hw), *geo), ref_i,
+    _close(input_grad.kernel(backend)(S.values, S.crow_indices, S.col_indices, grad_out_t, [in_c, *hw], *geo), ref_i,
            2e-5)

@@ -1,4 +1,4 @@
-"""SparseMatrix: construction, the cached transpose metadata, validation."""
+"""SparseMatrix: construction (CSR only), the transposed order computed on demand, validation."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _random(rows, cols, density, dtype=torch.float32):
 
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("shape", [(37, 53), (1, 1), (64, 7), (5, 300)])
-def test_from_dense_round_trip_and_transpose_metadata(shape, density):
+def test_from_dense_round_trip_and_transpose_pattern(shape, density):
     dense, mask = _random(*shape, density)
     mask[0] = False  # an empty row
     S = fk.SparseMatrix.from_dense(dense, mask)
@@ -29,11 +29,11 @@ def test_from_dense_round_trip_and_transpose_metadata(shape, density):
     # CSR: row-major order of the mask's True entries
     rows, cols = mask.nonzero(as_tuple=True)
     assert torch.equal(S.row_indices(), rows) and torch.equal(S.col_indices.long(), cols)
-    # CSC metadata: column-major order, each entry pointing at the same (row, col) in CSR order
+    # the transposed order: column-major, each entry pointing at the same (row, col) in CSR order
+    ccol, row_t, perm = S.transpose_pattern()
     rows_t, cols_t = mask.t().nonzero(as_tuple=True)  # (col, row) pairs in column-major order
-    assert torch.equal(S.row_indices_t.long(), cols_t)
-    assert torch.equal(S.ccol_indices[1:] - S.ccol_indices[:-1], mask.sum(0))
-    perm = S.perm_t.long()
+    assert row_t.dtype == torch.int32 and torch.equal(row_t.long(), cols_t)
+    assert torch.equal(ccol[1:] - ccol[:-1], mask.sum(0))
     assert torch.equal(rows[perm], cols_t) and torch.equal(cols[perm], rows_t)
     S.validate()
 
@@ -69,8 +69,7 @@ def test_with_values_to_and_memory():
     assert D.dtype == torch.float64 and torch.equal(D.to_dense(), (dense * mask).double())
     memory = S.memory_bytes()
     assert memory["values"] == 4 * S.nnz
-    assert memory["csr_indices"] == 8 * 21 + 4 * S.nnz
-    assert memory["transpose_metadata"] == 8 * 31 + 8 * S.nnz
+    assert memory == {"values": 4 * S.nnz, "csr_indices": 8 * 21 + 4 * S.nnz}  # nothing else is kept
 
 
 def test_construction_errors():
@@ -111,16 +110,18 @@ def test_from_csr_rejects_wrong_lengths():
         fk.SparseMatrix.from_csr(torch.tensor([0, 1, 2]), torch.tensor([0, 1]), torch.ones(3), (2, 4))
 
 
-def test_fields_are_read_only_and_validate_checks_both_orders():
+def test_fields_are_read_only_and_validate_checks_the_pattern():
     dense, mask = _random(30, 40, 0.3)
     S = fk.SparseMatrix.from_dense(dense, mask)
-    for name in ("col_indices", "values", "shape", "perm_t"):
+    for name in ("crow_indices", "col_indices", "values", "shape"):
         with pytest.raises(AttributeError, match="SparseMatrix is read-only"):
             setattr(S, name, getattr(S, name))
     S2 = fk.SparseMatrix.from_dense(dense, mask)
-    S2.perm_t[[0, 1]] = S2.perm_t[[1, 0]]  # still a permutation, but the orders no longer agree
-    with pytest.raises(ValueError, match="but perm_t maps it to CSR entry"):
+    S2.col_indices[[0, 1]] = S2.col_indices[[1, 0]]  # row 0's columns no longer increase
+    with pytest.raises(ValueError, match="column indices of row 0 are not strictly increasing"):
         S2.validate()
+    with pytest.raises(ValueError, match="column indices of row 0 are not strictly increasing"):
+        S2.transpose_pattern()
     import copy
     import pickle
 

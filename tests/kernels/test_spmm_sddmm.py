@@ -122,20 +122,24 @@ def test_noncontiguous_and_transposed_operands(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", PARAMS)
-def test_kernel_ops_on_the_transposed_order(backend, device):
-    """The raw kernel ops on the CSC metadata (values gathered into CSC order), as the backward passes use them."""
+@pytest.mark.parametrize("shape,n", [((50, 70, 0.2), 9), ((37, 300, 0.3), 70), ((64, 40, 0.5), 1), ((20, 30, 0.0), 8),
+                                     ((40, 30, 1.0), 24)], ids=str)
+def test_spmm_transposed_kernel_op(backend, device, shape, n):
+    """The raw S^T @ dense op, straight from the CSR order (odd widths: the C++ kernel's vector passes and scalar
+    tails; density 0 and 1), against S^T computed densely; a poisoned allocator behind every output."""
     suffix = "_triton" if backend == "triton" else ""
-    S = _matrix(50, 70, 0.2, torch.float32, device)
-    spmm = fk.spmm_reference if backend == "reference" else getattr(torch.ops.fedspa, "spmm" + suffix)
-    sddmm = fk.sddmm_reference if backend == "reference" else getattr(torch.ops.fedspa, "sddmm" + suffix)
-    e = torch.randn(50, 9, device=device)
-    poison_allocator(70 * 9, torch.float32, device)
-    got = spmm(S.values[S.perm_t], S.ccol_indices, S.row_indices_t, e)
+    rows, cols, density = shape
+    S = _matrix(rows, cols, density, torch.float32, device)
+    op = (fk.ops.spmm.spmm_transposed_reference if backend == "reference"
+          else getattr(torch.ops.fedspa, "spmm_transposed" + suffix))
+    e = torch.randn(rows, n, device=device)
+    poison_allocator(cols * n, torch.float32, device)
+    got = op(S.values, S.crow_indices, S.col_indices, e, cols)
     _close(got, S.to_dense().double().t() @ e.double(), torch.float32)
-    a, bt = torch.randn(70, 9, device=device), torch.randn(50, 9, device=device)
-    got = sddmm(a, bt, S.ccol_indices, S.row_indices_t)  # (a @ bt^T) on the transpose, in CSC order
-    expected_csr = (bt.double() @ a.double().t())[S.mask()]
-    _close(got, expected_csr[S.perm_t.long()], torch.float32)
+    if backend != "triton":  # fp64 (the Triton interpreter's exact path is fp32)
+        S64 = S.to(dtype=torch.float64)
+        torch.testing.assert_close(op(S64.values, S64.crow_indices, S64.col_indices, e.double(), cols),
+                                   S64.to_dense().t() @ e.double())
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -200,17 +204,17 @@ def test_opcheck(backend, device):
     S = _matrix(11, 13, 0.4, torch.float32, device)
     d = torch.randn(13, 5, device=device)
     a, bt = torch.randn(11, 6, device=device), torch.randn(13, 6, device=device)
-    pattern = (S.crow_indices, S.col_indices, S.ccol_indices, S.row_indices_t, S.perm_t)
+    pattern = (S.crow_indices, S.col_indices)
     if backend != "reference":
         suffix = "_triton" if backend == "triton" else ""
-        torch.library.opcheck(getattr(torch.ops.fedspa, "spmm" + suffix), (S.values, S.crow_indices, S.col_indices, d))
-        torch.library.opcheck(getattr(torch.ops.fedspa, "spmm" + suffix),
-                              (S.values[S.perm_t], S.ccol_indices, S.row_indices_t, torch.randn(11, 5, device=device)))
-        torch.library.opcheck(getattr(torch.ops.fedspa, "sddmm" + suffix), (a, bt, S.crow_indices, S.col_indices))
+        torch.library.opcheck(getattr(torch.ops.fedspa, "spmm" + suffix), (S.values, *pattern, d))
+        torch.library.opcheck(getattr(torch.ops.fedspa, "spmm_transposed" + suffix),
+                              (S.values, *pattern, torch.randn(11, 5, device=device), 13))
+        torch.library.opcheck(getattr(torch.ops.fedspa, "sddmm" + suffix), (a, bt, *pattern))
     values = S.values.detach().clone().requires_grad_()
     for transpose, dense in ((False, d), (True, torch.randn(11, 5, device=device))):
         torch.library.opcheck(torch.ops.fedspa.spmm_autograd,
-                              (values, *pattern, dense.requires_grad_(), transpose, backend))
+                              (values, *pattern, dense.requires_grad_(), transpose, 13, backend))
     torch.library.opcheck(torch.ops.fedspa.sddmm_autograd, (a.requires_grad_(), bt.requires_grad_(), *pattern, backend))
 
 
@@ -222,10 +226,12 @@ def test_bad_structures_in_direct_op_calls(backend, device):
     """The raw ops check the pattern themselves before any kernel reads memory through it."""
     if backend == "reference":
         spmm, sddmm = fk.spmm_reference, fk.sddmm_reference
+        spmm_t = fk.ops.spmm.spmm_transposed_reference
     else:
         suffix = "_triton" if backend == "triton" else ""
         spmm = getattr(torch.ops.fedspa, "spmm" + suffix)
         sddmm = getattr(torch.ops.fedspa, "sddmm" + suffix)
+        spmm_t = getattr(torch.ops.fedspa, "spmm_transposed" + suffix)
     crow = torch.tensor([0, 2, 3], device=device)
     col = torch.tensor([0, 9, 1], dtype=torch.int32, device=device)
     values, d = torch.ones(3, device=device), torch.randn(4, 2, device=device)
@@ -233,6 +239,12 @@ def test_bad_structures_in_direct_op_calls(backend, device):
         spmm(values, crow, col, d)
     with pytest.raises(ValueError, match=r"col_indices\[1\] = 9 is outside \[0, 4\)"):
         sddmm(torch.randn(2, 3, device=device), torch.randn(4, 3, device=device), crow, col)
+    with pytest.raises(ValueError, match=r"spmm_transposed: col_indices\[1\] = 9 is outside \[0, 4\)"):
+        spmm_t(values, crow, col, torch.randn(2, 2, device=device), 4)  # a write through col would land outside
+    with pytest.raises(ValueError, match=r"spmm_transposed: the pattern has 2 rows but dense has shape"):
+        spmm_t(values, crow, torch.tensor([0, 3, 1], dtype=torch.int32, device=device), d, 4)
+    with pytest.raises(ValueError, match=r"spmm_transposed: cols must be"):
+        spmm_t(values, crow, torch.tensor([0, 3, 1], dtype=torch.int32, device=device), d[:2], -1)
     with pytest.raises(ValueError, match=r"col_indices\[0\] = -1 is outside \[0, 4\)"):
         spmm(values, crow, torch.tensor([-1, 3, 1], dtype=torch.int32, device=device), d)
     col = torch.tensor([0, 3, 1], dtype=torch.int32, device=device)
@@ -257,15 +269,10 @@ def test_bad_structures_in_direct_op_calls(backend, device):
         spmm(values, crow, col, d.double())
 
 
-def test_autograd_ops_take_the_backend_and_check_the_permutation():
+def test_autograd_ops_take_the_backend():
     S = fk.SparseMatrix.from_dense(torch.randn(5, 6), torch.rand(5, 6) < 0.5)
-    pattern = (S.crow_indices, S.col_indices, S.ccol_indices, S.row_indices_t)
-    bad_perm = S.perm_t.clone()
-    bad_perm[0] = 10**6
-    with pytest.raises(ValueError, match=r"spmm: perm_t\[0\] = 1000000 is outside \[0, "):
-        torch.ops.fedspa.spmm_autograd(S.values, *pattern, bad_perm, torch.randn(5, 2), True, "cpp")
     with pytest.raises(ValueError, match="unknown backend 'mkl'"):
-        torch.ops.fedspa.spmm_autograd(S.values, *pattern, S.perm_t, torch.randn(6, 2), False, "mkl")
+        torch.ops.fedspa.spmm_autograd(S.values, S.crow_indices, S.col_indices, torch.randn(6, 2), False, 6, "mkl")
 
 
 def test_public_api_errors():

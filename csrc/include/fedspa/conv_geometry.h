@@ -50,20 +50,19 @@ inline void check_conv_activation(const char* op, const char* name, const at::Te
                     like.device());
 }
 
-// The geometry of spconv2d_input_grad: input channels from the transposed order's rows, checked against grad_out_t.
-inline ConvGeometry input_grad_geometry(const char* op, const at::Tensor& tcrow, const at::Tensor& grad_out_t,
-                                        at::IntArrayRef input_hw, at::IntArrayRef kernel, at::IntArrayRef stride,
+// The geometry of sparse_conv2d_input_grad: the input's (C, H, W) as given, the output channels from the pattern's
+// rows, both checked against grad_out_t.
+inline ConvGeometry input_grad_geometry(const char* op, const at::Tensor& crow, const at::Tensor& grad_out_t,
+                                        at::IntArrayRef input_chw, at::IntArrayRef kernel, at::IntArrayRef stride,
                                         at::IntArrayRef padding, at::IntArrayRef dilation) {
-  TORCH_CHECK_VALUE(input_hw.size() == 2, op, ": input_hw must be two integers, got ", input_hw);
-  TORCH_CHECK_VALUE(kernel.size() == 2 && kernel[0] >= 1 && kernel[1] >= 1, op,
-                    ": kernel_size must be two integers >= 1, got ", kernel);
-  TORCH_CHECK_VALUE((tcrow.numel() - 1) % (kernel[0] * kernel[1]) == 0, op, ": the transposed order has ",
-                    tcrow.numel() - 1, " rows, not a multiple of the kernel's ", kernel[0] * kernel[1], " taps");
-  const int64_t channels = (tcrow.numel() - 1) / (kernel[0] * kernel[1]);
-  const ConvGeometry g = make_conv_geometry(op, channels, input_hw[0], input_hw[1], grad_out_t.size(3),
+  TORCH_CHECK_VALUE(input_chw.size() == 3 && input_chw[0] >= 0, op,
+                    ": input_chw must be three integers (channels, height, width), got ", input_chw);
+  TORCH_CHECK_VALUE(crow.numel() - 1 == grad_out_t.size(0), op, ": the pattern has ", crow.numel() - 1,
+                    " rows (output channels) but grad_out_t is ", grad_out_t.sizes());
+  const ConvGeometry g = make_conv_geometry(op, input_chw[0], input_chw[1], input_chw[2], grad_out_t.size(3),
                                             grad_out_t.size(0), kernel, stride, padding, dilation);
   TORCH_CHECK_VALUE(grad_out_t.size(1) == g.OH && grad_out_t.size(2) == g.OW, op, ": grad_out_t is ",
-                    grad_out_t.sizes(), " but an input of ", input_hw, " gives ", g.OH, "x", g.OW, " outputs");
+                    grad_out_t.sizes(), " but an input of [", g.H, ", ", g.W, "] gives ", g.OH, "x", g.OW, " outputs");
   return g;
 }
 
