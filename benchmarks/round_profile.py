@@ -1,0 +1,231 @@
+"""Where a federated round's time goes: the default experiment (or any config) run through ``fedspa.train.run``
+with timers around each part of the real code path, FedSpa next to its dense-masked twin.
+
+Parts (seconds summed over the timed rounds; shares of the round's wall time):
+
+- ``downlink``: the server's training and evaluation payloads (``downlink``, which ``evaluation_downlink`` calls)
+- ``build``: a client decoding a payload into a model (``received_model``)
+- ``plan``: choosing and building each layer's execution (sparse layers, masks; ``_execute``)
+- ``train``: the local SGD steps (``local_train``), split by torch.profiler into the op groups below
+- ``mask_update``: |gradient| scores (``gradient_scores``) and prune/regrow (``update_masks``)
+- ``upload``: encoding the payload; ``receive`` / ``aggregate``: the server's checks and aggregation
+- ``eval_forward``: every client's personal model on its test split (``evaluate_model``)
+- ``checkpoint``: writing the run's checkpoint; ``other``: the rest of the round (the client's and server's glue
+  around the parts: dense copies of the trained weights, masks, metrics)
+
+A round is ``Federation.round`` (training and aggregation) + ``Federation.evaluate`` (every client's personal model)
++ the checkpoint: what ``fedspa train`` does per round, without loading data and writing plots.
+
+The first round is a warm-up (it also measures the layer timings of the fastest policy, in a fresh cache folder) and
+is left out. One run per variant, interleaved ``--runs`` times; the table gives the median over runs of each part.
+A second pass runs one round under torch.profiler and groups the training step's time by op (sparse kernels,
+dense conv/linear, pooling, layout copies, optimizer, ...).
+
+    python benchmarks/round_profile.py benchmarks/results/round_profile_<date>.json [--rounds 4] [--runs 3]
+        [--variants fedspa,fedspa:dense_masked] [overrides ...]
+    python benchmarks/round_profile.py --report benchmarks/results/round_profile_<date>.json   (the table again)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime as _dt
+import functools
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PARTS = ("downlink", "build", "plan", "train", "mask_update", "upload", "receive", "aggregate", "eval_forward",
+         "checkpoint", "other")
+
+
+def _timed(totals: dict, part: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[part] += time.perf_counter() - began
+    return wrapper
+
+
+@contextlib.contextmanager
+def instrumented(totals: dict):
+    """Wraps the parts' functions (class attributes, so every instance is timed) for the duration."""
+    from fedspa import train
+    from fedspa.algorithms import base, fedspa as fedspa_alg
+
+    targets = [
+        (train.Federation, "round", "round"),
+        (train.Federation, "evaluate", "round"),
+        (fedspa_alg.FedSpaServer, "downlink", "downlink"),
+        (fedspa_alg.FedSpaClient, "received_model", "build"),
+        (fedspa_alg.FedSpaClient, "_execute", "plan"),
+        (base.Client, "local_train", "train"),
+        (fedspa_alg.FedSpaClient, "update_masks", "mask_update"),
+        (fedspa_alg.FedSpaClient, "upload", "upload"),
+        (fedspa_alg.FedSpaServer, "receive", "receive"),
+        (fedspa_alg.FedSpaServer, "aggregate", "aggregate"),
+        (base.Client, "evaluate_model", "eval_forward"),
+        (train, "_save_checkpoint", "checkpoint"),
+    ]
+    saved = []
+    for owner, name, part in targets:
+        original = owner.__dict__[name]
+        saved.append((owner, name, original))
+        setattr(owner, name, _timed(totals, part, original))
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+def _config(variant: str, overrides: list[str], rounds: int):
+    from fedspa.config import ExperimentConfig
+
+    algorithm, _, execution = variant.partition(":")
+    extra = [f"fedspa.execution={execution}"] if execution else []
+    return ExperimentConfig.load("configs/default.yaml", [*overrides, f"algorithm={algorithm}", *extra,
+                                                         f"rounds={rounds}", "progress=false",
+                                                         "measure_memory=false"])
+
+
+def profile_run(variant: str, overrides: list[str], rounds: int) -> dict:
+    """Runs `rounds` + 1 rounds (the first a warm-up); the parts' seconds over the timed rounds."""
+    from fedspa.train import run
+
+    totals: dict[str, float] = collections.defaultdict(float)
+    with tempfile.TemporaryDirectory() as tmp, instrumented(totals):
+        config = _config(variant, overrides, rounds + 1)
+        out = Path(tmp) / "run"
+        run(config, output_dir=out, stop_after=1)  # warm-up round
+        totals.clear()
+        result = run(config, output_dir=out, resume=True)
+    wall = totals["round"] + totals["checkpoint"]  # the rounds themselves (not loading data, not writing plots)
+    parts = {p: totals.get(p, 0.0) for p in PARTS if p != "other"}
+    # none of the parts' functions call one another: the rest of the rounds' time is glue
+    parts["other"] = max(0.0, wall - sum(parts.values()))
+    history = result.history[1:]
+    return {"variant": variant, "rounds": rounds, "wall_s": wall, "per_round_s": wall / rounds,
+            "train_seconds_median": statistics.median(h["train_seconds"] for h in history),
+            "eval_seconds_median": statistics.median(h["eval_seconds"] for h in history if "eval_seconds" in h),
+            "parts_s": parts, "acc_final": history[-1].get("acc_pooled")}
+
+
+def _group(name: str) -> str:
+    n = name.lower()
+    if n.startswith("fedspa::"):
+        return "fedspa sparse kernels"
+    for key, group in (("conv", "dense conv (+ backward)"), ("mkldnn", "dense conv (+ backward)"),
+                       ("addmm", "dense linear (matmul)"), ("mm", "dense linear (matmul)"),
+                       ("pool", "max_pool2d (+ backward)"), ("copy_", "copies / layout"), ("clone", "copies / layout"),
+                       ("contiguous", "copies / layout"), ("permute", "copies / layout"), ("relu", "relu / threshold"),
+                       ("threshold", "relu / threshold"), ("sgd", "optimizer"), ("_foreach", "optimizer"),
+                       ("norm", "grad clip / norms"), ("cross_entropy", "loss"), ("nll", "loss"),
+                       ("log_softmax", "loss"), ("mul", "elementwise (mask, scale)"), ("add", "elementwise (mask, scale)")):
+        if key in n:
+            return group
+    return "other ops"
+
+
+def op_profile(variant: str, overrides: list[str]) -> dict[str, float]:
+    """Self CPU time (s) by op group over one round's training steps (after a warm-up round), torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fedspa.algorithms import base
+    from fedspa.train import run
+
+    events: dict[str, float] = collections.defaultdict(float)
+    original = base.Client.local_train
+
+    def local_train(self, *args, **kwargs):
+        if not getattr(local_train, "armed", False):
+            return original(self, *args, **kwargs)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            result = original(self, *args, **kwargs)
+        for e in prof.key_averages():
+            events[_group(e.key)] += e.self_cpu_time_total / 1e6
+        return result
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base.Client.local_train = local_train
+        try:
+            config = _config(variant, overrides, 2)
+            run(config, output_dir=Path(tmp) / "run", stop_after=1)
+            local_train.armed = True
+            run(config, output_dir=Path(tmp) / "run", resume=True)
+        finally:
+            base.Client.local_train = original
+    return dict(sorted(events.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", help="the JSON to write (or, with --report, to read)")
+    parser.add_argument("--report", action="store_true", help="print the table of an existing JSON")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.name=resnet18")
+    parser.add_argument("--variants", default="fedspa,fedspa:dense_masked")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    if args.report:
+        blob = json.loads(Path(args.output).read_text())
+        print(report(blob["runs"], blob["train_ops_s"]))
+        return
+    os.environ["FEDSPA_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedspa-bench-cache-")  # layer timings measured afresh
+    variants = args.variants.split(",")
+    runs = {v: [] for v in variants}
+    for r in range(args.runs):
+        for v in variants if r % 2 == 0 else list(reversed(variants)):
+            row = profile_run(v, args.overrides, args.rounds)
+            runs[v].append(row)
+            print(json.dumps(row), flush=True)
+    ops = {v: op_profile(v, args.overrides) for v in variants}
+    import fedspa_kernels as fk
+
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+            "fedspa_kernels": getattr(fk, "__version__", "?"), "threads": torch.get_num_threads(),
+            "platform": platform.platform(), "processor": platform.processor(), "overrides": args.overrides,
+            "rounds": args.rounds, "method": __doc__.strip()}
+    Path(args.output).write_text(json.dumps({"meta": meta, "runs": runs, "train_ops_s": ops}, indent=1))
+    print(report(runs, ops))
+
+
+def report(runs: dict[str, list[dict]], ops: dict[str, dict[str, float]]) -> str:
+    """A markdown table: per part, the median seconds per round and its share, per variant."""
+    variants = list(runs)
+    lines = ["| part | " + " | ".join(f"{v} s / round | share" for v in variants) + " |",
+             "| --- | " + " | ".join("---: | ---:" for _ in variants) + " |"]
+    per_round = {v: statistics.median(r["per_round_s"] for r in runs[v]) for v in variants}
+    for part in PARTS:
+        cells = []
+        for v in variants:
+            s = statistics.median(r["parts_s"][part] / r["rounds"] for r in runs[v])
+            cells.append(f"{s:.3f} | {100 * s / per_round[v]:.0f}%")
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    lines.append("| **whole round** | " + " | ".join(f"**{per_round[v]:.3f}** | 100%" for v in variants) + " |")
+    for v in variants:
+        rng = [r["per_round_s"] for r in runs[v]]
+        lines.append(f"\n{v}: {min(rng):.3f}-{max(rng):.3f} s / round over {len(rng)} runs; training steps by op "
+                     "group (one round, torch.profiler self time): " + ", ".join(
+                         f"{k} {s:.3f} s" for k, s in ops[v].items()))
+    if len(variants) == 2:
+        a, b = variants
+        ratios = [rb["per_round_s"] / ra["per_round_s"] for ra, rb in zip(runs[a], runs[b])]
+        lines.append(f"\n{b} / {a}, whole round (training + evaluation): {min(ratios):.2f}-{max(ratios):.2f}x "
+                     f"(median {statistics.median(ratios):.2f}x)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
