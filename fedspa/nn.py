@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -241,6 +242,48 @@ class SparseConv2d(nn.Module):
 SPARSE_LAYERS = (SparseLinear, SparseConv2d)
 
 
+def batch_innermost(x: torch.Tensor) -> bool:
+    """Is `x` (N, C, H, W) laid out as SparseConv2d's output is: (C, H, W, N) in memory, the batch fastest?"""
+    return x.dim() == 4 and x.permute(1, 2, 3, 0).is_contiguous()
+
+
+class SparseLayoutMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` (same results, gradients and indices) that keeps the sparse convolutions' activation layout.
+
+    SparseConv2d computes in (C, H, W, N) and returns that memory as an (N, C, H, W) view; a plain max_pool2d would
+    copy it back to NCHW (its kernel for that layout is a slow generic loop) and the next sparse layer would copy it
+    again. Here the (C, H, W, N) memory is pooled as the channels-last (C, N, H, W) tensor it also is, with torch's
+    vectorized channels-last kernel, so the output is again (C, H', W', N) in memory: ReLU keeps that layout,
+    ``flatten`` is a view of it, and the next SparseConv2d or SparseLinear reads it without a copy. An NCHW input
+    (e.g. a dense first convolution's output) is transposed into that layout first, which costs less than the
+    generic kernel saves (measured: benchmarks/README.md). Batch 1 takes the plain path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[0] < 2:
+            return super().forward(x)
+        if not batch_innermost(x):
+            x = x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+        out = F.max_pool2d(x.transpose(0, 1), self.kernel_size, self.stride, self.padding, self.dilation,
+                           ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+        if self.return_indices:
+            return out[0].transpose(0, 1), out[1].transpose(0, 1)
+        return out.transpose(0, 1)
+
+
+def keep_sparse_layout(model: nn.Module) -> int:
+    """In place: every ``nn.MaxPool2d`` (exactly that class) of `model` becomes a :class:`SparseLayoutMaxPool2d`
+    with the same settings. Returns how many were replaced."""
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.MaxPool2d:
+            new = SparseLayoutMaxPool2d(module.kernel_size, module.stride, module.padding, module.dilation,
+                                        module.return_indices, module.ceil_mode)
+            _replace(model, name, new)
+            replaced += 1
+    return replaced
+
+
 def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], *, inplace: bool = False,
              backend: str | None = None) -> nn.Module:
     """Replaces the Linear/Conv2d layers named in `masks` (module name -> bool mask shaped like its weight)
@@ -360,7 +403,8 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], *, sparse: 
     a sparse layer exists for it (:func:`sparse_layer_for`) and either its name is in `sparse_names` (when given:
     e.g. the layers measured faster sparse, :mod:`fedspa.execution`) or, without `sparse_names`, its density is
     at most `sparse_max_density`; ``"dense"`` when its mask is all ones (nothing to mask); ``"masked"`` (dense
-    weight times the mask in the forward) otherwise.
+    weight times the mask in the forward) otherwise. When a convolution runs sparse, the model's max-pooling layers
+    keep its activation layout (:func:`keep_sparse_layout`).
 
     Returns:
         Parameter name -> "sparse" | "dense" | "masked".
@@ -382,7 +426,97 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], *, sparse: 
             masked[name] = mask
     sparsify(model, layers, inplace=True, backend=backend)
     mask_in_forward(model, masked)
+    if any(isinstance(m, SparseConv2d) for m in model.modules()):
+        keep_sparse_layout(model)
     return plan
+
+
+def set_masked_weights(model: nn.Module, masks: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor],
+                       moved: Collection[str] = ()) -> None:
+    """In place, on a model prepared by :func:`apply_masks`: every weight named in `masks` takes `values[name]`
+    (its entries at the mask, in the mask's row-major order: a sparse layer's CSR order), however it runs. Those named
+    in `moved` first move to their new mask: a sparse layer rebuilds its pattern (O(weight size), what a new mask
+    costs), a dense weight x mask swaps its mask. Nothing else is rebuilt: each weight keeps the way it runs.
+
+    Raises:
+        ValueError: a weight that runs unmasked (its mask was all ones) asked to move to a mask with zeros.
+    """
+    with torch.no_grad():
+        for name, mask in masks.items():
+            module, attr = _owner(model, name)
+            value = values[name]
+            if isinstance(module, SPARSE_LAYERS) and attr == "weight":
+                if name in moved:
+                    module.set_mask(mask, value)
+                else:
+                    module.weight.values.copy_(value)
+            elif parametrize.is_parametrized(module, attr):
+                parametrization = module.parametrizations[attr]
+                if name in moved:
+                    parametrization[0].mask.copy_(mask)
+                original = parametrization.original
+                flat = torch.zeros(original.numel(), dtype=original.dtype, device=original.device)
+                flat[mask.reshape(-1)] = value.to(original.dtype)
+                original.copy_(flat.reshape(original.shape))
+            else:
+                weight = getattr(module, attr)
+                if name in moved and not bool(mask.all()):
+                    raise ValueError(f"set_masked_weights: {name!r} runs unmasked; it cannot move to a mask with "
+                                     "zeros (build the model again with apply_masks)")
+                weight.copy_(value.reshape(weight.shape))
+
+
+def dense_weight_gradients(model: nn.Module, names: Collection[str],
+                           loss_of_model: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The gradient of ``loss_of_model()`` with respect to each named weight as if it were dense (at every position,
+    the mask's zeros included), on a model as :func:`apply_masks` prepared it, without a dense copy of the model.
+
+    Each named weight's layer (SparseLinear, SparseConv2d, or an ``nn.Linear`` / ``nn.Conv2d``, masked or not) has
+    its input caught in the forward pass and its output gradient in one backward pass that computes no parameter
+    gradient; its dense weight gradient is then formed from the two (``dy^T x`` for a linear layer,
+    ``torch.nn.grad.conv2d_weight`` for a convolution), summed over the layer's calls.
+
+    Returns:
+        Weight name -> dense gradient (the weight's dense shape), or None when a named weight is not the weight of
+        such a layer (e.g. an Embedding, or a convolution with string padding): the caller falls back to a dense copy.
+    """
+    layers = {}
+    for name in names:
+        module, attr = _owner(model, name)
+        conv = isinstance(module, (SparseConv2d, nn.Conv2d))
+        if attr != "weight" or not (conv or isinstance(module, (SparseLinear, nn.Linear))):
+            return None
+        if conv and (isinstance(module.padding, str) or getattr(module, "padding_mode", "zeros") != "zeros"):
+            return None
+        layers[name] = module
+    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
+    handles = [module.register_forward_hook(lambda _m, args, out, name=name: calls[name].append((args[0].detach(), out)))
+               for name, module in layers.items()]
+    try:
+        loss = loss_of_model()
+    finally:
+        for handle in handles:
+            handle.remove()
+    order = [(name, x, out) for name in layers for x, out in calls[name]]
+    grads = torch.autograd.grad(loss, [out for _, _, out in order], allow_unused=True) if order else ()
+    result: dict[str, torch.Tensor] = {}
+    for (name, x, _), dy in zip(order, grads):
+        if dy is None:
+            continue
+        module = layers[name]
+        if isinstance(module, (SparseConv2d, nn.Conv2d)):
+            shape = (module.out_channels, module.in_channels // getattr(module, "groups", 1), *module.kernel_size)
+            grad = torch.nn.grad.conv2d_weight(x, shape, dy, module.stride, module.padding, module.dilation,
+                                               getattr(module, "groups", 1))
+        else:
+            grad = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        result[name] = result[name] + grad if name in result else grad
+    for name, module in layers.items():  # a layer the loss never reached: a zero gradient
+        if name not in result:
+            shape = ((module.out_channels, module.in_channels // getattr(module, "groups", 1), *module.kernel_size)
+                     if isinstance(module, (SparseConv2d, nn.Conv2d)) else (module.out_features, module.in_features))
+            result[name] = torch.zeros(shape, dtype=loss.dtype, device=loss.device)
+    return result
 
 
 def masked_weight_values(model: nn.Module, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -250,3 +250,120 @@ def test_sparse_model_trains_like_the_masked_dense_model(backend, device):
         first = losses[1] if first is None else first
     if not interpreted:
         assert losses[1] < 0.8 * first  # and it learns
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pooling in the sparse layers' layout
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("settings", [dict(kernel_size=2), dict(kernel_size=3, stride=1, padding=1),
+                                      dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+                                      dict(kernel_size=3, stride=2, ceil_mode=True),
+                                      dict(kernel_size=2, return_indices=True)], ids=str)
+@pytest.mark.parametrize("layout", ["batch_innermost", "nchw", "batch_1"])
+def test_sparse_layout_max_pool_is_max_pool2d(settings, layout):
+    """Same outputs, indices and input gradients as nn.MaxPool2d (ties included: integer-valued inputs), and the
+    output in the sparse layers' (C, H, W, N) memory layout."""
+    from fedspa.nn import SparseLayoutMaxPool2d, batch_innermost
+
+    batch = 1 if layout == "batch_1" else 5
+    base = torch.randint(0, 4, (3, 9, 11, batch)).float()  # many ties
+    x = base.permute(3, 0, 1, 2) if layout == "batch_innermost" else base.permute(3, 0, 1, 2).contiguous()
+    outs, grads = [], []
+    for pool in (nn.MaxPool2d(**settings), SparseLayoutMaxPool2d(**settings)):
+        xx = x.detach().clone().requires_grad_()
+        out = pool(xx)
+        values = out[0] if settings.get("return_indices") else out
+        values.backward(torch.arange(values.numel(), dtype=torch.float32).reshape(values.shape))
+        outs.append(out)
+        grads.append(xx.grad)
+    if settings.get("return_indices"):
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        values = outs[1][0]
+    else:
+        assert torch.equal(outs[0], outs[1])
+        values = outs[1]
+    assert torch.equal(grads[0], grads[1])
+    if batch > 1:
+        assert batch_innermost(values)
+
+
+def test_keep_sparse_layout_replaces_the_pools_of_a_model_that_runs_sparse_convolutions():
+    from fedspa.nn import SparseLayoutMaxPool2d, apply_masks
+
+    class Pool(nn.MaxPool2d):  # a subclass may do something else: left alone
+        pass
+
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+                          Pool(2), nn.Flatten(), nn.Linear(4, 3))
+    reference = copy.deepcopy(model)
+    masks = {"3.weight": torch.rand(4, 4, 3, 3) < 0.3}
+    plan = apply_masks(model, masks, sparse=True, sparse_max_density=0.5)
+    assert plan == {"3.weight": "sparse"}
+    assert type(model[2]) is SparseLayoutMaxPool2d and type(model[4]) is Pool
+    with torch.no_grad():
+        reference[3].weight.mul_(masks["3.weight"])
+    x = torch.randn(6, 2, 4, 4)
+    torch.testing.assert_close(model(x), reference(x))
+    dense_only = nn.Sequential(nn.Conv2d(2, 4, 3), nn.MaxPool2d(2))
+    apply_masks(dense_only, {"0.weight": torch.rand(4, 2, 3, 3) < 0.3}, sparse=False)
+    assert type(dense_only[1]) is nn.MaxPool2d  # no sparse convolution: nothing to keep
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_set_masked_weights_refills_and_moves_every_way_a_weight_runs(kind):
+    from fedspa.nn import apply_masks, masked_weight_values, set_masked_weights
+
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 6) if kind == "linear" else nn.Conv2d(3, 4, 3)
+    model = nn.Sequential(copy.deepcopy(layer), copy.deepcopy(layer), copy.deepcopy(layer))  # weights only, no forward
+    shape = layer.weight.shape
+    masks = {"0.weight": torch.rand(shape) < 0.3, "1.weight": torch.rand(shape) < 0.3,
+             "2.weight": torch.ones(shape, dtype=torch.bool)}
+    plan = apply_masks(model, masks, sparse_names={"0.weight"})
+    assert plan == {"0.weight": "sparse", "1.weight": "masked", "2.weight": "dense"}
+    new_masks = {"0.weight": torch.rand(shape) < 0.3, "1.weight": torch.rand(shape) < 0.3, "2.weight": masks["2.weight"]}
+    targets = {n: torch.randn(shape) * m for n, m in new_masks.items()}
+    set_masked_weights(model, new_masks, {n: t[new_masks[n]] for n, t in targets.items()},
+                       moved=["0.weight", "1.weight"])
+    got = masked_weight_values(model, list(masks))
+    for name, target in targets.items():
+        torch.testing.assert_close(got[name], target)
+    assert torch.equal(model[0].mask(), new_masks["0.weight"])
+    assert torch.equal(model[1].parametrizations.weight[0].mask, new_masks["1.weight"])
+    # not moved: values only, at the masks it runs at
+    again = {n: torch.randn(shape) * m for n, m in new_masks.items()}
+    set_masked_weights(model, new_masks, {n: t[new_masks[n]] for n, t in again.items()})
+    got = masked_weight_values(model, list(masks))
+    for name, target in again.items():
+        torch.testing.assert_close(got[name], target)
+    with pytest.raises(ValueError, match="runs unmasked"):
+        set_masked_weights(model, {"2.weight": masks["1.weight"]},
+                           {"2.weight": torch.ones(int(masks["1.weight"].sum()))}, moved=["2.weight"])
+
+
+def test_dense_weight_gradients_equal_a_dense_copy():
+    """The dense gradient of every masked weight, computed on the prepared model (sparse conv, sparse linear, a
+    masked conv, an unmasked linear), equals the gradient of the densified model; other weights give None."""
+    from fedspa.nn import apply_masks, dense_weight_gradients
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, stride=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    masks = {"0.weight": torch.rand(4, 2, 3, 3) < 0.6, "3.weight": torch.rand(6, 4, 3, 3) < 0.3,
+             "6.weight": torch.rand(5, 6) < 0.4, "8.weight": torch.ones(3, 5, dtype=torch.bool)}
+    dense = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            dense.get_parameter(name).mul_(mask)
+    plan = apply_masks(model, masks, sparse_names={"3.weight", "6.weight"})
+    assert plan == {"0.weight": "masked", "3.weight": "sparse", "6.weight": "sparse", "8.weight": "dense"}
+    x, y = torch.randn(7, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
+    got = dense_weight_gradients(model, list(masks), lambda: F.cross_entropy(model(x), y))
+    F.cross_entropy(dense(x), y).backward()
+    for name in masks:
+        torch.testing.assert_close(got[name].reshape(masks[name].shape), dense.get_parameter(name).grad)
+        if not bool(masks[name].all()):  # nonzero where the mask is off: a dense gradient
+            assert (got[name].reshape(masks[name].shape)[~masks[name]] != 0).any()
+    assert all(p.grad is None for p in model.parameters())  # no parameter gradient was computed
+    embedding = nn.Sequential(nn.Embedding(10, 4))
+    assert dense_weight_gradients(embedding, ["0.weight"], lambda: embedding(torch.tensor([1, 2])).sum()) is None
