@@ -122,7 +122,7 @@ class FedDSTClient(FedSpaClient):
         return dict(zip(names, new)), flops
 
     def round(self, downlink: bytes, round_index: int, *, measure_memory: bool = False) -> tuple[bytes, TrainMetrics]:
-        model = self._execute(self.received_model(downlink, training=True))
+        model = self.model_for(downlink, training=True)
         fraction = readjust_fraction(self.config, round_index)
         before, after = self._steps()
         if fraction == 0.0 or not self.mask_shapes or before < 1:

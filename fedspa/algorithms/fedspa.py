@@ -33,10 +33,13 @@ arXiv:2201.11380 (2022); where the paper is silent the defaults follow the same 
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import math
+import os
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +54,8 @@ from ..config import ExperimentConfig
 from ..execution import fastest_sparse, layer_inputs
 from ..masks import client_generator, layer_densities, maskable_parameters, random_masks, target_nnz
 from ..metrics import flop_counter_mode, peak_step_memory
-from ..nn import apply_masks, masked_weight_values, sparse_layer_for, training_memory_bytes, why_not_sparse
+from ..nn import (apply_masks, dense_weight_gradients, masked_weight_values, set_masked_weights, sparse_layer_for,
+                  training_memory_bytes, why_not_sparse)
 from ..schedule import drop_counts, drop_fraction
 from .base import (INIT, REGROW, Client, Server, TrainMetrics, Upload, check_tensors, last_linear_names,
                    load_state)
@@ -334,12 +338,15 @@ class FedSpaClient(SparseLayout, Client):
         self._sparse_runs: bool | None = None  # does this model run with sparse layers? (probed once)
         self._layer_inputs: dict[str, tuple[tuple[int, ...], bool]] | None = None  # for the fastest policy
         self._sparse_evaluates: bool | None = None  # does it also run with sparse layers in eval mode? (probed once)
+        # the prepared model kept between uses: (model, the masks it runs at, its plan key); see model_for
+        self._executed: tuple[nn.Module, dict[str, torch.Tensor], tuple[int, ...]] | None = None
 
     # ---------------------------------------------------------------------------------------------- pieces
-    def received_model(self, downlink: bytes, *, training: bool = False) -> nn.Module:
-        """The dense model the server sent: the global values at this client's mask, zeros elsewhere; adopts the
-        mask when the server sent positions. With `training` and ``regrown_init = zero``, the weights the last mask
-        update regrew start at 0 (when the server sent values at the mask the client uploaded)."""
+    def _decode(self, downlink: bytes, training: bool) -> dict[str, torch.Tensor]:
+        """The server's values of every travelling entry (a masked tensor's: its values at this client's mask, in the
+        mask's row-major order, on the client's device); adopts the mask when the server sent positions. With
+        `training` and ``regrown_init = zero``, the weights the last mask update regrew start at 0 (when the server
+        sent values at the mask the client uploaded)."""
         known = None
         if self.mask is not None:
             known = [self.mask[n].reshape(-1).nonzero().squeeze(1).cpu() if n in self.mask_shapes else None
@@ -347,32 +354,80 @@ class FedSpaClient(SparseLayout, Client):
         expect = [comm.Expect(math.prod(self.models.shapes[n]), comm.SPARSE | {comm.VALUES}) if n in self.mask_shapes
                   else comm.Expect.dense(math.prod(self.models.shapes[n])) for n in self.wire_names]
         entries = comm.decode(downlink, known, expect=expect)
-        model = self.models.make(self.device)
-        state = model.state_dict()
-        values, mask = {}, dict(self.mask or {})
+        values, mask, resent = {}, self.mask, False
         for name, entry in zip(self.wire_names, entries):
-            target = state[name]
-            if name in self.mask_shapes:
-                position = entry.positions.to(self.device)
-                if entry.kind != comm.VALUES:  # the server tells us our mask
-                    flat_mask = torch.zeros(target.numel(), dtype=torch.bool, device=self.device)
-                    flat_mask[position] = True
-                    mask[name] = flat_mask.reshape(target.shape)
-                flat = torch.zeros(target.numel(), dtype=target.dtype, device=self.device)
-                flat[position] = entry.values.to(self.device, target.dtype)
-                if training and entry.kind == comm.VALUES and self.regrown is not None \
-                        and self.config.fedspa.regrown_init == "zero":
-                    flat[self.regrown[name].reshape(-1)] = 0
-                values[name] = flat
-            else:
+            if name not in self.mask_shapes:
                 values[name] = entry.values
-        load_state(model, values)
-        load_state(model, self.personal)
-        resent = any(e.kind != comm.VALUES for n, e in zip(self.wire_names, entries) if n in self.mask_shapes)
+                continue
+            value = entry.values.to(self.device, self.models.dtypes[name])
+            if entry.kind != comm.VALUES:  # the server tells us our mask
+                resent = True
+                flat_mask = torch.zeros(math.prod(self.mask_shapes[name]), dtype=torch.bool, device=self.device)
+                flat_mask[entry.positions.to(self.device)] = True
+                sent = flat_mask.reshape(self.mask_shapes[name])
+                if mask is None or name not in mask or not torch.equal(sent, mask[name]):
+                    mask = {**(mask or {}), name: sent}  # a new dict: masks are replaced, never changed in place
+            elif training and self.regrown is not None and self.config.fedspa.regrown_init == "zero":
+                value = value.masked_fill(self.regrown[name].reshape(-1)[entry.positions.to(self.device)], 0)
+            values[name] = value
         if training or resent:
             self.regrown = None  # used once; a mask the server resent is not the one the update regrew in
         self.mask = mask
+        return values
+
+    def _dense_model(self, values: Mapping[str, torch.Tensor]) -> nn.Module:
+        """A fresh dense model holding `values` (masked tensors zero off this client's mask) and the personal
+        entries."""
+        model = self.models.make(self.device)
+        state = model.state_dict()
+        dense = {}
+        for name, value in values.items():
+            if name in self.mask_shapes:
+                flat = torch.zeros(state[name].numel(), dtype=state[name].dtype, device=self.device)
+                flat[self.mask[name].reshape(-1)] = value
+                dense[name] = flat
+            else:
+                dense[name] = value
+        load_state(model, dense)
+        load_state(model, self.personal)
         return model
+
+    def received_model(self, downlink: bytes, *, training: bool = False) -> nn.Module:
+        """The dense model the server sent: the global values at this client's mask, zeros elsewhere (``_decode``)."""
+        return self._dense_model(self._decode(downlink, training))
+
+    def model_for(self, downlink: bytes, *, training: bool = False) -> nn.Module:
+        """The model this client trains (or evaluates) from the server's payload, ready to run at its mask (sparse
+        layers where they pay, dense weights x mask elsewhere: ``_execute``).
+
+        The prepared model is kept between uses, within a process-wide budget (``fedspa.algorithms.fedspa.
+        MODEL_CACHE``): a new payload only rewrites its values in place, and a new mask rebuilds only the patterns
+        of the weights whose mask changed. It is built afresh only when the layer plan may change (another number of
+        active weights in some tensor) or after it was evicted.
+        """
+        values = self._decode(downlink, training)
+        key = self._plan_key()
+        if self._executed is not None and self._executed[2] == key:
+            model, masks, _ = self._executed
+            moved = [n for n in self.mask_shapes
+                     if self.mask[n] is not masks[n] and not torch.equal(self.mask[n], masks[n])]
+            set_masked_weights(model, self.mask, {n: values[n] for n in self.mask_shapes}, moved)
+            load_state(model, {n: v for n, v in values.items() if n not in self.mask_shapes})
+            load_state(model, self.personal)
+            model.zero_grad(set_to_none=True)
+        else:
+            model = self._execute(self._dense_model(values))
+        self._executed = (model, self.mask, key)
+        MODEL_CACHE.hold(self, training_memory_bytes(model)["total"])
+        return model
+
+    def _plan_key(self) -> tuple[int, ...]:
+        """What the layer plan depends on besides fixed settings: the number of active weights per masked tensor."""
+        return tuple(int(self.mask[n].count_nonzero()) for n in self.mask_shapes)
+
+    def forget_model(self) -> None:
+        """Drops the prepared model (the next use builds it again)."""
+        self._executed = None
 
     def _densified(self, model: nn.Module) -> nn.Module:
         """A plain dense copy of `model` however it runs (masked weights zero off the mask, everything else as is)."""
@@ -425,16 +480,24 @@ class FedSpaClient(SparseLayout, Client):
             return False
 
     def _gradient_scores(self, model: nn.Module, round_index: int) -> tuple[dict[str, torch.Tensor], float]:
-        """|dense gradient| of one minibatch at the current (masked) weights: RigL's regrowth score, and its FLOPs."""
-        dense = self._densified(model)
+        """|dense gradient| of one minibatch at the current (masked) weights: RigL's regrowth score, and the FLOPs it
+        took. Computed on the model as it runs (``fedspa.nn.dense_weight_gradients``: its sparse forward and backward,
+        each masked layer's dense weight gradient formed from its input and output gradient), so no dense copy of
+        the model is made; a model with masked weights of other kinds (e.g. an Embedding) gets a dense copy."""
         data = self.data
         order = torch.randperm(data.num_train, device="cpu",
                                generator=client_generator(self.config.seed, self.client_id, REGROW, round_index))
         batch = order[: self.config.batch_size].to(self.device)
+        x, y = data.train_x[batch], data.train_y[batch]
+        with flop_counter_mode() as counter:
+            grads = dense_weight_gradients(model, list(self.mask_shapes), lambda: self.loss_fn(model(x), y))
+        if grads is not None:
+            return {n: g.abs().reshape(self.mask_shapes[n]) for n, g in grads.items()}, float(counter.get_total_flops())
+        dense = self._densified(model)
         dense.zero_grad(set_to_none=True)
         with flop_counter_mode() as counter:
-            logits = dense(data.train_x[batch])
-        self.loss_fn(logits, data.train_y[batch]).backward()
+            logits = dense(x)
+        self.loss_fn(logits, y).backward()
         params = dict(dense.named_parameters())
         return {n: params[n].grad.abs() for n in self.mask_shapes}, 3.0 * counter.get_total_flops()
 
@@ -481,7 +544,7 @@ class FedSpaClient(SparseLayout, Client):
 
     # ---------------------------------------------------------------------------------------------- protocol
     def round(self, downlink: bytes, round_index: int, *, measure_memory: bool = False) -> tuple[bytes, TrainMetrics]:
-        model = self._execute(self.received_model(downlink, training=True))
+        model = self.model_for(downlink, training=True)
         metrics = self.local_train(model, round_index, measure_memory=measure_memory)
         weights = masked_weight_values(model, list(self.mask_shapes))
         new_masks, extra_flops = self.measured(lambda: self.update_masks(model, weights, round_index), model, metrics,
@@ -493,6 +556,7 @@ class FedSpaClient(SparseLayout, Client):
         regrown = {n: new_masks[n] & ~self.mask[n] for n in new_masks}
         self.regrown = regrown if any(bool(r.any()) for r in regrown.values()) else None
         self.mask = new_masks
+        model.zero_grad(set_to_none=True)  # the kept model holds no gradients between rounds
         return payload, metrics
 
     def upload(self, model: nn.Module, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> bytes:
@@ -504,25 +568,23 @@ class FedSpaClient(SparseLayout, Client):
                             for n in self.wire_names])
 
     def evaluation_model(self, downlink: bytes, round_index: int) -> nn.Module:
-        """w * m_k; with sparse execution on the layers it trains on (the same plan, from the same measurements),
+        """w * m_k; with sparse execution on the layers it trains on (the same plan, the same prepared model),
         unless the model's eval-mode code does not run with them (e.g. a TransformerEncoderLayer's fast path reads
         its Linear weights itself): then dense, as the one-time probe found."""
-        model = self.received_model(downlink)
         if self.config.fedspa.execution != "sparse" or self._sparse_evaluates is False:
-            return model
-        if self._sparse_evaluates:
-            return self._execute(model)
-        executed = self._execute(copy.deepcopy(model))
-        try:
-            with torch.no_grad():
-                executed.eval()(self.data.test_x[:2])
-            self._sparse_evaluates = True
-            return executed
-        except Exception as exc:  # noqa: BLE001  (whatever the user's model raises in eval mode)
-            self._sparse_evaluates = False
-            _log_once(f"fedspa: {type(self.models.template).__name__} does not evaluate with sparse layers "
-                      f"({type(exc).__name__}: {exc}); it is evaluated as dense weights x mask", logging.INFO)
-            return model
+            return self.received_model(downlink)
+        model = self.model_for(downlink)
+        if self._sparse_evaluates is None:
+            try:
+                with torch.no_grad():
+                    copy.deepcopy(model).eval()(self.data.test_x[:2])
+                self._sparse_evaluates = True
+            except Exception as exc:  # noqa: BLE001  (whatever the user's model raises in eval mode)
+                self._sparse_evaluates = False
+                _log_once(f"fedspa: {type(self.models.template).__name__} does not evaluate with sparse layers "
+                          f"({type(exc).__name__}: {exc}); it is evaluated as dense weights x mask", logging.INFO)
+                return self._densified(model)
+        return model
 
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -552,10 +614,51 @@ class FedSpaClient(SparseLayout, Client):
             if outside:
                 raise ValueError(f"client state regrown {outside[0]} marks positions outside its mask")
         check_tensors("client state personal", personal, {n: self.models.shapes[n] for n in self.personal_names})
+        self.forget_model()  # built for the state being replaced
         self.mask = {n: m.to(self.device) for n, m in masks.items()} if masks else None
         self.regrown = {n: m.to(self.device) for n, m in regrown.items()} if regrown else None
         self.personal = {n: v.to(self.device, self.models.dtypes[n]) for n, v in personal.items()}
 
+
+class ModelCache:
+    """The prepared models FedSpa clients keep between uses (``FedSpaClient.model_for``), within one budget of bytes
+    for the whole process: a simulation of many clients keeps the most recently used ones, and a client whose model
+    was evicted builds it again when it next trains or evaluates. The budget is ``$FEDSPA_MODEL_CACHE_MB`` (default
+    1024; 0 keeps none)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._held: collections.OrderedDict[int, tuple[weakref.ref, int]] = collections.OrderedDict()
+
+    def hold(self, client: FedSpaClient, nbytes: int) -> None:
+        """`client` keeps a prepared model of `nbytes`; the least recently used others are evicted over budget (and
+        this one too, if it alone exceeds the budget)."""
+        self._held.pop(id(client), None)
+        self._held[id(client)] = (weakref.ref(client), nbytes)
+        total = 0
+        for key in reversed(list(self._held)):  # the most recent first
+            owner, size = self._held[key]
+            holder = owner()
+            if holder is not None and total + size <= self.budget_bytes:
+                total += size
+                continue
+            if holder is not None:
+                holder.forget_model()
+            del self._held[key]
+
+
+def _cache_budget() -> int:
+    raw = os.environ.get("FEDSPA_MODEL_CACHE_MB", "1024")
+    try:
+        megabytes = float(raw)
+    except ValueError:
+        raise ValueError(f"FEDSPA_MODEL_CACHE_MB must be a number of megabytes, got {raw!r}") from None
+    if not math.isfinite(megabytes) or megabytes < 0:
+        raise ValueError(f"FEDSPA_MODEL_CACHE_MB must be a finite number >= 0, got {raw!r}")
+    return int(megabytes * 2**20)
+
+
+MODEL_CACHE = ModelCache(_cache_budget())
 
 _LOGGED: set[str] = set()
 
