@@ -4,8 +4,9 @@ with timers around each part of the real code path, FedSpa next to its dense-mas
 Parts (seconds summed over the timed rounds; shares of the round's wall time):
 
 - ``downlink``: the server's training and evaluation payloads (``downlink``, which ``evaluation_downlink`` calls)
-- ``build``: a client decoding a payload into a model (``received_model``)
-- ``plan``: choosing and building each layer's execution (sparse layers, masks; ``_execute``)
+- ``build``: a client decoding a payload (``_decode``) and building a dense model from it (``_dense_model``)
+- ``plan``: choosing and building each layer's execution (sparse layers, masks; ``_execute``), or refilling the
+  prepared model a client keeps (``set_masked_weights``: new values, and new patterns where its mask moved)
 - ``train``: the local SGD steps (``local_train``), split by torch.profiler into the op groups below
 - ``mask_update``: |gradient| scores (``gradient_scores``) and prune/regrow (``update_masks``)
 - ``upload``: encoding the payload; ``receive`` / ``aggregate``: the server's checks and aggregation
@@ -24,6 +25,10 @@ dense conv/linear, pooling, layout copies, optimizer, ...).
     python benchmarks/round_profile.py benchmarks/results/round_profile_<date>.json [--rounds 4] [--runs 3]
         [--variants fedspa,fedspa:dense_masked] [overrides ...]
     python benchmarks/round_profile.py --report benchmarks/results/round_profile_<date>.json   (the table again)
+
+With ``--random-images C,H,W`` every client gets ``--samples`` random images of that shape (and random labels) instead
+of the config's dataset: e.g. ResNet-18 on CIFAR-shaped inputs without the CIFAR files (``model.name=resnet18
+local_steps=2``); the data do not change the time.
 """
 
 from __future__ import annotations
@@ -68,8 +73,10 @@ def instrumented(totals: dict):
         (train.Federation, "round", "round"),
         (train.Federation, "evaluate", "round"),
         (fedspa_alg.FedSpaServer, "downlink", "downlink"),
-        (fedspa_alg.FedSpaClient, "received_model", "build"),
+        (fedspa_alg.FedSpaClient, "_decode", "build"),
+        (fedspa_alg.FedSpaClient, "_dense_model", "build"),
         (fedspa_alg.FedSpaClient, "_execute", "plan"),
+        (fedspa_alg, "set_masked_weights", "plan"),
         (base.Client, "local_train", "train"),
         (fedspa_alg.FedSpaClient, "update_masks", "mask_update"),
         (fedspa_alg.FedSpaClient, "upload", "upload"),
@@ -100,17 +107,32 @@ def _config(variant: str, overrides: list[str], rounds: int):
                                                          "measure_memory=false"])
 
 
-def profile_run(variant: str, overrides: list[str], rounds: int) -> dict:
+def random_images(shape: tuple[int, ...], samples: int, clients: int):
+    """Random images and labels for every client (training and a quarter as many for testing)."""
+    from fedspa.data import FederatedData
+
+    g = torch.Generator().manual_seed(0)
+    train, test = [], []
+    for _ in range(clients):
+        train.append((torch.rand(samples, *shape, generator=g), torch.randint(0, 10, (samples,), generator=g)))
+        test.append((torch.rand(max(1, samples // 4), *shape, generator=g),
+                     torch.randint(0, 10, (max(1, samples // 4),), generator=g)))
+    return FederatedData.from_tensors(train=train, test=test, num_classes=10)
+
+
+def profile_run(variant: str, overrides: list[str], rounds: int, images: tuple[int, ...] | None = None,
+                samples: int = 64) -> dict:
     """Runs `rounds` + 1 rounds (the first a warm-up); the parts' seconds over the timed rounds."""
     from fedspa.train import run
 
     totals: dict[str, float] = collections.defaultdict(float)
     with tempfile.TemporaryDirectory() as tmp, instrumented(totals):
         config = _config(variant, overrides, rounds + 1)
+        data = random_images(images, samples, config.clients) if images else None
         out = Path(tmp) / "run"
-        run(config, output_dir=out, stop_after=1)  # warm-up round
+        run(config, output_dir=out, stop_after=1, data=data)  # warm-up round
         totals.clear()
-        result = run(config, output_dir=out, resume=True)
+        result = run(config, output_dir=out, resume=True, data=data)
     wall = totals["round"] + totals["checkpoint"]  # the rounds themselves (not loading data, not writing plots)
     parts = {p: totals.get(p, 0.0) for p in PARTS if p != "other"}
     # none of the parts' functions call one another: the rest of the rounds' time is glue
@@ -138,7 +160,8 @@ def _group(name: str) -> str:
     return "other ops"
 
 
-def op_profile(variant: str, overrides: list[str]) -> dict[str, float]:
+def op_profile(variant: str, overrides: list[str], images: tuple[int, ...] | None = None,
+               samples: int = 64) -> dict[str, float]:
     """Self CPU time (s) by op group over one round's training steps (after a warm-up round), torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -161,9 +184,10 @@ def op_profile(variant: str, overrides: list[str]) -> dict[str, float]:
         base.Client.local_train = local_train
         try:
             config = _config(variant, overrides, 2)
-            run(config, output_dir=Path(tmp) / "run", stop_after=1)
+            data = random_images(images, samples, config.clients) if images else None
+            run(config, output_dir=Path(tmp) / "run", stop_after=1, data=data)
             local_train.armed = True
-            run(config, output_dir=Path(tmp) / "run", resume=True)
+            run(config, output_dir=Path(tmp) / "run", resume=True, data=data)
         finally:
             base.Client.local_train = original
     return dict(sorted(events.items(), key=lambda kv: -kv[1]))
@@ -177,6 +201,8 @@ def main() -> None:
     parser.add_argument("--variants", default="fedspa,fedspa:dense_masked")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--random-images", help="C,H,W: random images of this shape instead of the dataset")
+    parser.add_argument("--samples", type=int, default=64, help="training samples per client with --random-images")
     args = parser.parse_args()
     if args.report:
         blob = json.loads(Path(args.output).read_text())
@@ -184,18 +210,20 @@ def main() -> None:
         return
     os.environ["FEDSPA_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedspa-bench-cache-")  # layer timings measured afresh
     variants = args.variants.split(",")
+    images = tuple(int(v) for v in args.random_images.split(",")) if args.random_images else None
     runs = {v: [] for v in variants}
     for r in range(args.runs):
         for v in variants if r % 2 == 0 else list(reversed(variants)):
-            row = profile_run(v, args.overrides, args.rounds)
+            row = profile_run(v, args.overrides, args.rounds, images, args.samples)
             runs[v].append(row)
             print(json.dumps(row), flush=True)
-    ops = {v: op_profile(v, args.overrides) for v in variants}
+    ops = {v: op_profile(v, args.overrides, images, args.samples) for v in variants}
     import fedspa_kernels as fk
 
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
             "fedspa_kernels": getattr(fk, "__version__", "?"), "threads": torch.get_num_threads(),
             "platform": platform.platform(), "processor": platform.processor(), "overrides": args.overrides,
+            "random_images": args.random_images, "samples": args.samples if args.random_images else None,
             "rounds": args.rounds, "method": __doc__.strip()}
     Path(args.output).write_text(json.dumps({"meta": meta, "runs": runs, "train_ops_s": ops}, indent=1))
     print(report(runs, ops))
