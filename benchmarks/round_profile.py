@@ -17,8 +17,8 @@ Parts (seconds summed over the timed rounds; shares of the round's wall time):
 A round is ``Federation.round`` (training and aggregation) + ``Federation.evaluate`` (every client's personal model)
 + the checkpoint: what ``fedspa train`` does per round, without loading data and writing plots.
 
-The first round is a warm-up (it also measures the layer timings of the fastest policy, in a fresh cache folder) and
-is left out. One run per variant, interleaved ``--runs`` times; the table gives the median over runs of each part.
+The first round is a warm-up (it measures the layer timings of the fastest policy, in a fresh cache folder, and builds
+each sampled client's model) and is left out. One run per variant, interleaved ``--runs`` times; the table gives the median over runs of each part.
 A second pass runs one round under torch.profiler and groups the training step's time by op (sparse kernels,
 dense conv/linear, pooling, layout copies, optimizer, ...).
 
@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 PARTS = ("downlink", "build", "plan", "train", "mask_update", "upload", "receive", "aggregate", "eval_forward",
          "checkpoint", "other")
 
@@ -64,8 +65,9 @@ def _timed(totals: dict, part: str, fn):
 
 
 @contextlib.contextmanager
-def instrumented(totals: dict):
-    """Wraps the parts' functions (class attributes, so every instance is timed) for the duration."""
+def instrumented(totals: dict, warm_up_rounds: int = 0):
+    """Wraps the parts' functions (class attributes, so every instance is timed) for the duration; the totals start
+    after the first `warm_up_rounds` checkpoints (one per round)."""
     from fedspa import train
     from fedspa.algorithms import base, fedspa as fedspa_alg
 
@@ -83,16 +85,32 @@ def instrumented(totals: dict):
         (fedspa_alg.FedSpaServer, "receive", "receive"),
         (fedspa_alg.FedSpaServer, "aggregate", "aggregate"),
         (base.Client, "evaluate_model", "eval_forward"),
-        (train, "_save_checkpoint", "checkpoint"),
     ]
+    if "_decode" not in fedspa_alg.FedSpaClient.__dict__:  # an older tree (an A/B): its received_model built the model
+        targets.append((fedspa_alg.FedSpaClient, "received_model", "build"))
     saved = []
     for owner, name, part in targets:
+        if name not in owner.__dict__:  # an older tree without that function
+            continue
         original = owner.__dict__[name]
         saved.append((owner, name, original))
         setattr(owner, name, _timed(totals, part, original))
+    checkpoint = train.__dict__["_save_checkpoint"]
+    timed_checkpoint = _timed(totals, "checkpoint", checkpoint)
+    rounds_done = [0]
+
+    def save_and_count(*args, **kwargs):
+        result = timed_checkpoint(*args, **kwargs)
+        rounds_done[0] += 1
+        if rounds_done[0] <= warm_up_rounds:
+            totals.clear()
+        return result
+
+    train._save_checkpoint = save_and_count
     try:
         yield
     finally:
+        train._save_checkpoint = checkpoint
         for owner, name, original in saved:
             setattr(owner, name, original)
 
@@ -102,7 +120,7 @@ def _config(variant: str, overrides: list[str], rounds: int):
 
     algorithm, _, execution = variant.partition(":")
     extra = [f"fedspa.execution={execution}"] if execution else []
-    return ExperimentConfig.load("configs/default.yaml", [*overrides, f"algorithm={algorithm}", *extra,
+    return ExperimentConfig.load(DEFAULT_CONFIG, [*overrides, f"algorithm={algorithm}", *extra,
                                                          f"rounds={rounds}", "progress=false",
                                                          "measure_memory=false"])
 
@@ -126,18 +144,15 @@ def profile_run(variant: str, overrides: list[str], rounds: int, images: tuple[i
     from fedspa.train import run
 
     totals: dict[str, float] = collections.defaultdict(float)
-    with tempfile.TemporaryDirectory() as tmp, instrumented(totals):
+    with tempfile.TemporaryDirectory() as tmp, instrumented(totals, warm_up_rounds=1):
         config = _config(variant, overrides, rounds + 1)
         data = random_images(images, samples, config.clients) if images else None
-        out = Path(tmp) / "run"
-        run(config, output_dir=out, stop_after=1, data=data)  # warm-up round
-        totals.clear()
-        result = run(config, output_dir=out, resume=True, data=data)
+        result = run(config, output_dir=Path(tmp) / "run", data=data)
     wall = totals["round"] + totals["checkpoint"]  # the rounds themselves (not loading data, not writing plots)
     parts = {p: totals.get(p, 0.0) for p in PARTS if p != "other"}
     # none of the parts' functions call one another: the rest of the rounds' time is glue
     parts["other"] = max(0.0, wall - sum(parts.values()))
-    history = result.history[1:]
+    history = result.history[1:]  # the warm-up round left out
     return {"variant": variant, "rounds": rounds, "wall_s": wall, "per_round_s": wall / rounds,
             "train_seconds_median": statistics.median(h["train_seconds"] for h in history),
             "eval_seconds_median": statistics.median(h["eval_seconds"] for h in history if "eval_seconds" in h),
@@ -148,7 +163,8 @@ def _group(name: str) -> str:
     n = name.lower()
     if n.startswith("fedspa::"):
         return "fedspa sparse kernels"
-    for key, group in (("conv", "dense conv (+ backward)"), ("mkldnn", "dense conv (+ backward)"),
+    for key, group in (("group_norm", "normalization layers"), ("batch_norm", "normalization layers"),
+                       ("layer_norm", "normalization layers"), ("conv", "dense conv (+ backward)"), ("mkldnn", "dense conv (+ backward)"),
                        ("addmm", "dense linear (matmul)"), ("mm", "dense linear (matmul)"),
                        ("pool", "max_pool2d (+ backward)"), ("copy_", "copies / layout"), ("clone", "copies / layout"),
                        ("contiguous", "copies / layout"), ("permute", "copies / layout"), ("relu", "relu / threshold"),
@@ -171,11 +187,11 @@ def op_profile(variant: str, overrides: list[str], images: tuple[int, ...] | Non
     events: dict[str, float] = collections.defaultdict(float)
     original = base.Client.local_train
 
-    def local_train(self, *args, **kwargs):
-        if not getattr(local_train, "armed", False):
-            return original(self, *args, **kwargs)
+    def local_train(self, model, round_index, *args, **kwargs):
+        if round_index < 1:  # the warm-up round
+            return original(self, model, round_index, *args, **kwargs)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            result = original(self, *args, **kwargs)
+            result = original(self, model, round_index, *args, **kwargs)
         for e in prof.key_averages():
             events[_group(e.key)] += e.self_cpu_time_total / 1e6
         return result
@@ -185,9 +201,7 @@ def op_profile(variant: str, overrides: list[str], images: tuple[int, ...] | Non
         try:
             config = _config(variant, overrides, 2)
             data = random_images(images, samples, config.clients) if images else None
-            run(config, output_dir=Path(tmp) / "run", stop_after=1, data=data)
-            local_train.armed = True
-            run(config, output_dir=Path(tmp) / "run", resume=True, data=data)
+            run(config, output_dir=Path(tmp) / "run", data=data)
         finally:
             base.Client.local_train = original
     return dict(sorted(events.items(), key=lambda kv: -kv[1]))

@@ -35,6 +35,9 @@ CONV = [  # (in, out, hw, kernel, stride, batch, density)
     (512, 512, 4, 3, 1, 32, 0.1), (512, 512, 4, 3, 1, 32, 0.5), (256, 512, 8, 1, 2, 32, 0.5)]
 MEMORY = [("linear 1024->512", lambda: nn.Linear(1024, 512)), ("conv 128-128 k3", lambda: nn.Conv2d(128, 128, 3)),
           ("conv 512-512 k3 (ResNet-18 stage 4)", lambda: nn.Conv2d(512, 512, 3))]
+SMALL = {  # --small: every path on tiny shapes (the test suite's smoke run)
+    "LINEAR": [(16, 24, 8, 0.3)], "CONV": [(3, 4, 6, 3, 1, 4, 0.3)],
+    "MEMORY": [("linear 24->16", lambda: nn.Linear(24, 16)), ("conv 4-4 k3", lambda: nn.Conv2d(4, 4, 3))]}
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -107,6 +110,8 @@ def time_rows(repeats: int) -> list[dict]:
 def measure(args) -> None:
     import fedspa_kernels as fk
 
+    if args.small:
+        globals().update(SMALL)
     torch.set_num_threads(args.threads)
     root = Path(fk.__file__).resolve().parents[1]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
@@ -158,6 +163,7 @@ def main() -> None:
     m.add_argument("--label", required=True)
     m.add_argument("--threads", type=int, default=1)
     m.add_argument("--repeats", type=int, default=21)
+    m.add_argument("--small", action="store_true", help="tiny shapes (a smoke run)")
     r = sub.add_parser("report")
     r.add_argument("--old", nargs="+", required=True, help="the first build's files")
     r.add_argument("--new", nargs="+", required=True, help="the second build's files")

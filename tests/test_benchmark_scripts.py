@@ -167,3 +167,28 @@ def test_the_fidelity_runner_writes_each_stage_table_and_per_seed_files(tmp_path
     bad = subprocess.run(["bash", "benchmarks/fidelity.sh", "bogus"], capture_output=True, text=True, env=env,
                          cwd=ROOT, timeout=60)
     assert bad.returncode == 2 and "unknown stage bogus" in bad.stderr
+
+
+def test_round_profile_smoke(tmp_path):
+    out = tmp_path / "profile.json"
+    tiny = ["data.dataset=digits", "data.samples_per_client=60", "clients=3", "client_fraction=0.67", "local_steps=2",
+            "model.name=cnn", "model.width=2", "fedspa.density=0.3"]
+    result = _run(["benchmarks/round_profile.py", str(out), *tiny, "--rounds", "1", "--runs", "1",
+                   "--random-images", "1,12,12", "--samples", "16"], {})
+    blob = json.loads(out.read_text())
+    for variant in ("fedspa", "fedspa:dense_masked"):
+        row = blob["runs"][variant][0]
+        assert row["per_round_s"] > 0 and row["parts_s"]["train"] > 0 and row["parts_s"]["eval_forward"] > 0
+        assert blob["train_ops_s"][variant]
+    assert "| **whole round** |" in result.stdout
+    again = _run(["benchmarks/round_profile.py", "--report", str(out)], {})
+    assert "| **whole round** |" in again.stdout
+
+
+def test_sparse_format_benchmark_smoke(tmp_path):
+    for label in ("a", "b"):
+        _run(["benchmarks/sparse_format.py", "measure", str(tmp_path / f"{label}.json"), "--label", label, "--small",
+              "--repeats", "1"], {})
+    result = _run(["benchmarks/sparse_format.py", "report", "--old", str(tmp_path / "a.json"), "--new",
+                   str(tmp_path / "b.json")], {})
+    assert "| linear 24->16 | 0.5 | 0.9 |" in result.stdout and "| conv 3-4 6x6 k3 s1, batch 4 | 0.3 |" in result.stdout
