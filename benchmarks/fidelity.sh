@@ -6,8 +6,10 @@
 #
 #   benchmarks/fidelity.sh [stage ...] [-- extra compare arguments, e.g. threads=1]
 #   FEDSPA_FIDELITY_RUNS (default runs/fidelity), FEDSPA_FIDELITY_RESULTS (default benchmarks/results/fidelity_<date>)
+#   FEDSPA_FIDELITY_JOBS (default 1): a stage's variants split over this many `fedspa compare` processes at once
+#     (each at threads=1), then one more that finds every run done and writes the stage's table
 #
-# stages (default: all, in this order; about 2.5 min per run on one core of a 2-core EPYC):
+# stages (default: all, in this order):
 #   validation    FedSpa's options on a validation split carved from the clients' training data (the test split is
 #                 not read), one at a time: regrowth random vs |gradient|, then at |gradient| regrown weights at 0
 #                 vs the global value, and holders vs mean aggregation (12 runs). The defaults in
@@ -15,8 +17,8 @@
 #   ablations     FedSpa (random regrowth, which a shared mask needs, regrown weights at 0) vs one mask shared
 #                 by all clients, and vs a personal dense head (9 runs)
 #   dirichlet     every algorithm (FedDST included), Dirichlet(0.3) labels (39 runs)
-#   pathological  FedSpa, local, FedPer, Sub-FedAvg, Ditto, FedDST, FedAvg, FedRep; 2 classes per client (24 runs)
-#   density       FedSpa at density 0.5, 0.2 and 0.1 (9 runs)
+#   pathological  every algorithm, 2 classes per client (39 runs)
+#   density       FedSpa and its dense-masked twin at density 0.5, 0.2 and 0.1 (18 runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,9 +35,25 @@ done
 runs=${FEDSPA_FIDELITY_RUNS:-runs/fidelity}
 results=${FEDSPA_FIDELITY_RESULTS:-benchmarks/results/fidelity_$(date -u +%Y-%m-%d)}
 
+jobs=${FEDSPA_FIDELITY_JOBS:-1}
+
 run_stage() {  # stage, variants, then config overrides
   local stage=$1 variants=$2
   shift 2
+  if [ "$jobs" -gt 1 ]; then  # disjoint groups of variants at once (their runs are separate folders)
+    local groups pids=() group
+    groups=$(python -c 'import sys
+from fedspa.compare import expand_variants
+variants, jobs = expand_variants(sys.argv[1].split(",")), int(sys.argv[2])
+print("\n".join(",".join(variants[i::jobs]) for i in range(jobs) if variants[i::jobs]))' "$variants" "$jobs")
+    mkdir -p "$runs"
+    while IFS= read -r group; do
+      fedspa compare --config configs/default.yaml --output "$runs/$stage" --variants "$group" \
+        --seeds 0,1,2 progress=false "$@" ${extra[@]+"${extra[@]}"} threads=1 > "$runs/$stage.${#pids[@]}.log" 2>&1 &
+      pids+=($!)
+    done <<< "$groups"
+    for pid in "${pids[@]}"; do wait "$pid"; done
+  fi
   fedspa compare --config configs/default.yaml --output "$runs/$stage" --variants "$variants" \
     --seeds 0,1,2 progress=false "$@" ${extra[@]+"${extra[@]}"}
   python - "$runs/$stage" "$results/$stage" <<'EOF'
@@ -68,11 +86,11 @@ fedspa+fedspa.regrowth=random+fedspa.regrown_init=zero+fedspa.mask_scope=shared,
 fedspa+fedspa.regrowth=random+fedspa.regrown_init=zero+fedspa.personal_head=true" ;;
     dirichlet)
       run_stage dirichlet all ;;
-    pathological)  # the methods that decide the comparison (the dense-masked twins compute what their sparse
-      # variants do; FedAvg-FT, LG-FedAvg and FedProx are on the dirichlet stage only)
-      run_stage pathological "fedspa,local,fedper,sub_fedavg,ditto,feddst,fedavg,fedrep" \
-        data.partition=pathological data.classes_per_client=2 ;;
-    density)
-      run_stage density "fedspa+fedspa.density=0.5,fedspa+fedspa.density=0.2,fedspa+fedspa.density=0.1" ;;
+    pathological)
+      run_stage pathological all data.partition=pathological data.classes_per_client=2 ;;
+    density)  # FedSpa and the same algorithm on dense weights x mask at each density: what sparsity buys
+      run_stage density "fedspa+fedspa.density=0.5,fedspa:dense_masked+fedspa.density=0.5,\
+fedspa+fedspa.density=0.2,fedspa:dense_masked+fedspa.density=0.2,\
+fedspa+fedspa.density=0.1,fedspa:dense_masked+fedspa.density=0.1" ;;
   esac
 done

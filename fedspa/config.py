@@ -81,7 +81,7 @@ class DataConfig:
     partition: str = "dirichlet"
     alpha: float = 0.3  # Dirichlet concentration
     classes_per_client: int = 2  # pathological partition
-    samples_per_client: int | None = 600  # None: split the whole pool
+    samples_per_client: int | None = 400  # None: split the whole pool
     test_fraction: float = 0.2  # each client's own test split, same label mix as its training data
     # validation: the test split is set aside unread and every personal model is evaluated on validation_fraction
     # of the client's training data instead (choose hyper-parameters this way, never on the test split)
@@ -105,14 +105,14 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     clients: int = 10
-    rounds: int = 30
+    rounds: int = 20
     client_fraction: float = 0.5  # clients sampled per round
-    local_epochs: int = 1
+    local_epochs: int = 5
     local_steps: int | None = None  # instead of epochs, when set
-    batch_size: int = 32
-    lr: float = 0.05
+    batch_size: int = 128
+    lr: float = 0.1
     lr_decay: float = 0.998  # per round
-    momentum: float = 0.9
+    momentum: float = 0.0
     weight_decay: float = 5e-4
     grad_clip: float = 10.0
     norm_layers: str = "shared"  # local: normalization layers (parameters and statistics) never leave the client

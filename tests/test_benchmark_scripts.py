@@ -148,7 +148,7 @@ def test_client_step_benchmark_smoke(tmp_path):
 
 
 def test_the_fidelity_runner_writes_each_stage_table_and_per_seed_files(tmp_path):
-    env = {**os.environ, "FEDSPA_FIDELITY_RUNS": str(tmp_path / "runs"),
+    env = {**os.environ, "FEDSPA_FIDELITY_RUNS": str(tmp_path / "runs"), "FEDSPA_FIDELITY_JOBS": "2",
            "FEDSPA_FIDELITY_RESULTS": str(tmp_path / "results"), "PATH": os.path.dirname(sys.executable) + os.pathsep
            + os.environ.get("PATH", "")}
     tiny = ["data.dataset=digits", "data.samples_per_client=100", "clients=3", "client_fraction=1.0",

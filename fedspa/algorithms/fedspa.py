@@ -76,7 +76,7 @@ SPARSE_POLICIES = ("fastest", "memory")
 class FedSpaConfig:
     """The sparse-training settings (FedSpa's, also read by Sub-FedAvg)."""
 
-    density: float = 0.1  # overall density of the masked weights
+    density: float = 0.5  # overall density of the masked weights (the paper's)
     mask_init: str = "erk"
     drop_fraction: float = 0.5  # alpha_0 of the cosine schedule
     mask_update_interval: int = 1  # rounds between mask updates
