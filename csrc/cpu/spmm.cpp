@@ -22,6 +22,7 @@
 #include "fedspa/cpu_features.h"
 #include "fedspa/cpu_layout.h"
 #include "fedspa/csr_checks.h"
+#include "fedspa/csr_panels.h"
 
 namespace fedspa {
 namespace {
@@ -33,13 +34,6 @@ constexpr int kPrefetchDistance = 4;
 struct Csr {
   const int64_t* crow;
   const int32_t* col;
-};
-
-// The nonzeros of row r in the current column panel are [begin[r * stride], end[r * stride]).
-struct RowRanges {
-  const int64_t* begin;
-  const int64_t* end;
-  int64_t stride;
 };
 
 // Portable kernel (fp64, CPUs without AVX2, and column tails): W outputs per pass in a local array the
@@ -137,24 +131,8 @@ void spmm_impl(const at::Tensor& values, const Csr& a, const at::Tensor& dense, 
   T* o = out.data_ptr<T>();
   const int64_t panel = std::max<int64_t>(1, kL2Budget / (kBlock * static_cast<int64_t>(sizeof(T))));
   const int64_t panels = std::max<int64_t>(1, (cols + panel - 1) / panel);
-  // Panel boundaries within each row: bounds[r * (panels + 1) + p] = first nonzero of row r with col >= p * panel.
-  std::vector<int64_t> bounds;
-  RowRanges whole{a.crow, a.crow + 1, 1};
-  if (panels > 1) {
-    bounds.resize(rows * (panels + 1));
-    at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        int64_t k = a.crow[r];
-        const int64_t e = a.crow[r + 1];
-        for (int64_t p = 0; p < panels; ++p) {
-          const int64_t limit = p * panel;
-          k = std::lower_bound(a.col + k, a.col + e, limit) - a.col;
-          bounds[r * (panels + 1) + p] = k;
-        }
-        bounds[r * (panels + 1) + panels] = e;
-      }
-    });
-  }
+  const std::vector<int64_t> bounds = panels > 1 ? panel_bounds(a.crow, a.col, rows, panel, panels)
+                                                 : std::vector<int64_t>{};
   const int64_t nnz = a.crow[rows];
   const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(rows, 1) * n);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / per_row);  // ~32k multiply-adds per task
@@ -163,7 +141,7 @@ void spmm_impl(const at::Tensor& values, const Csr& a, const at::Tensor& dense, 
     for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
       const int64_t j1 = std::min(n, j0 + kBlock);
       for (int64_t p = 0; p < panels; ++p) {
-        const RowRanges ranges = panels == 1 ? whole : RowRanges{bounds.data() + p, bounds.data() + p + 1, panels + 1};
+        const RowRanges ranges = panel_ranges(a.crow, bounds, panels, p);
         const bool accumulate = p > 0;
 #if defined(FEDSPA_X86_DISPATCH)
         if constexpr (std::is_same_v<T, float>) {

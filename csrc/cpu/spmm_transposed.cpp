@@ -23,6 +23,7 @@
 #include "fedspa/cpu_features.h"
 #include "fedspa/cpu_layout.h"
 #include "fedspa/csr_checks.h"
+#include "fedspa/csr_panels.h"
 
 namespace fedspa {
 namespace {
@@ -31,13 +32,6 @@ constexpr const char* kOp = "spmm_transposed";
 constexpr int kPrefetchDistance = 4;
 constexpr int64_t kL2Budget = int64_t{512} << 10;  // bytes of out's panel slice a thread keeps in L2
 constexpr int64_t kMaxWidth = 64;
-
-// The nonzeros of row r in the current panel are [begin[r * stride], end[r * stride]).
-struct RowRanges {
-  const int64_t* begin;
-  const int64_t* end;
-  int64_t stride;
-};
 
 // Columns [j0, j1) of out, every row of A (portable path: fp64, CPUs without AVX2, and column tails).
 template <typename T>
@@ -125,29 +119,14 @@ void spmm_transposed_impl(const T* values, const int64_t* crow, const int32_t* c
   if (blocks * ((cols + panel - 1) / panel) < threads) panel = (cols + threads * blocks - 1) / (threads * blocks);
   panel = std::max<int64_t>(1, std::min(panel, cols));
   const int64_t panels = (cols + panel - 1) / panel;
-  // bounds[r * (panels + 1) + p]: the first nonzero of row r with column >= p * panel
-  std::vector<int64_t> bounds;
-  if (panels > 1) {
-    bounds.resize(rows * (panels + 1));
-    at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        int64_t k = crow[r];
-        const int64_t e = crow[r + 1];
-        for (int64_t p = 0; p < panels; ++p) {
-          k = std::lower_bound(col + k, col + e, p * panel) - col;
-          bounds[r * (panels + 1) + p] = k;
-        }
-        bounds[r * (panels + 1) + panels] = e;
-      }
-    });
-  }
-  const RowRanges whole{crow, crow + 1, 1};
+  const std::vector<int64_t> bounds = panels > 1 ? panel_bounds(crow, col, rows, panel, panels)
+                                                 : std::vector<int64_t>{};
   at::parallel_for(0, panels * blocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t p = task / blocks;
       const int64_t j0 = (task % blocks) * kMaxWidth;
       const int64_t j1 = std::min(n, j0 + kMaxWidth);
-      const RowRanges ranges = panels == 1 ? whole : RowRanges{bounds.data() + p, bounds.data() + p + 1, panels + 1};
+      const RowRanges ranges = panel_ranges(crow, bounds, panels, p);
 #if defined(FEDSPA_X86_DISPATCH)
       if constexpr (std::is_same_v<T, float>) {
         if (cpu_has_avx2_fma()) {

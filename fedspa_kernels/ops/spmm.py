@@ -35,20 +35,24 @@ from ..sparse_matrix import SparseMatrix
 _CHUNK_ELEMENTS = 1 << 22  # the reference's temporary: at most this many products at a time
 
 
+def _products_into(out: torch.Tensor, into: torch.Tensor, values: torch.Tensor, dense: torch.Tensor,
+                   read: torch.Tensor) -> torch.Tensor:
+    """``out[into[k]] += values[k] * dense[read[k]]`` for every stored entry k, in chunks (the references' loop)."""
+    step = max(1, _CHUNK_ELEMENTS // max(dense.shape[1], 1))
+    for start in range(0, values.numel(), step):
+        stop = start + step
+        products = values[start:stop].to(out.dtype)[:, None] * dense[read[start:stop]].to(out.dtype)
+        out.index_add_(0, into[start:stop], products)
+    return out
+
+
 def spmm_reference(values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
                    dense: torch.Tensor) -> torch.Tensor:
     """Pure-PyTorch fedspa::spmm: each stored entry times its dense row, added into its output row (the oracle)."""
     check_spmm_inputs("spmm", values, crow_indices, col_indices, dense)
     acc = torch.float64 if values.dtype == torch.float64 else torch.float32
-    rows, n = crow_indices.numel() - 1, dense.shape[1]
-    out = torch.zeros(rows, n, dtype=acc, device=values.device)
-    row = row_of_each_nonzero(crow_indices)
-    col = col_indices.long()
-    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
-    for start in range(0, col.numel(), step):
-        stop = start + step
-        out.index_add_(0, row[start:stop], values[start:stop].to(acc)[:, None] * dense[col[start:stop]].to(acc))
-    return out.to(values.dtype)
+    out = torch.zeros(crow_indices.numel() - 1, dense.shape[1], dtype=acc, device=values.device)
+    return _products_into(out, row_of_each_nonzero(crow_indices), values, dense, col_indices.long()).to(values.dtype)
 
 
 def _fake(values, crow_indices, col_indices, dense):
@@ -72,15 +76,8 @@ def spmm_transposed_reference(values: torch.Tensor, crow_indices: torch.Tensor, 
     column (the oracle)."""
     check_spmm_inputs("spmm_transposed", values, crow_indices, col_indices, dense, cols)
     acc = torch.float64 if values.dtype == torch.float64 else torch.float32
-    n = dense.shape[1]
-    out = torch.zeros(cols, n, dtype=acc, device=values.device)
-    row = row_of_each_nonzero(crow_indices)
-    col = col_indices.long()
-    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
-    for start in range(0, col.numel(), step):
-        stop = start + step
-        out.index_add_(0, col[start:stop], values[start:stop].to(acc)[:, None] * dense[row[start:stop]].to(acc))
-    return out.to(values.dtype)
+    out = torch.zeros(cols, dense.shape[1], dtype=acc, device=values.device)
+    return _products_into(out, col_indices.long(), values, dense, row_of_each_nonzero(crow_indices)).to(values.dtype)
 
 
 def _transposed_fake(values, crow_indices, col_indices, dense, cols):
