@@ -11,9 +11,9 @@
 #
 # stages (default: all, in this order):
 #   validation    FedSpa's options on a validation split carved from the clients' training data (the test split is
-#                 not read), one at a time: regrowth random vs |gradient|, then at |gradient| regrown weights at 0
-#                 vs the global value, and holders vs mean aggregation (12 runs). The defaults in
-#                 configs/default.yaml were chosen from this table.
+#                 not read): regrowth random vs |gradient| x regrown weights at 0 vs the global value, and holders
+#                 vs mean aggregation at either regrowth (18 runs). The defaults in configs/default.yaml were chosen
+#                 from this table.
 #   ablations     FedSpa (random regrowth, which a shared mask needs, regrown weights at 0) vs one mask shared
 #                 by all clients, and vs a personal dense head (9 runs)
 #   dirichlet     every algorithm (FedDST included), Dirichlet(0.3) labels (39 runs)
@@ -78,7 +78,9 @@ for stage in "${stages[@]}"; do
   case "$stage" in
     validation)
       run_stage validation "fedspa+fedspa.regrowth=random+fedspa.regrown_init=zero,\
+fedspa+fedspa.regrowth=random+fedspa.regrown_init=global,\
 fedspa+fedspa.regrowth=gradient+fedspa.regrown_init=zero,fedspa+fedspa.regrowth=gradient+fedspa.regrown_init=global,\
+fedspa+fedspa.regrowth=random+fedspa.regrown_init=zero+fedspa.aggregation=mean,\
 fedspa+fedspa.regrowth=gradient+fedspa.regrown_init=zero+fedspa.aggregation=mean" data.evaluate_on=validation ;;
     ablations)
       run_stage ablations "fedspa+fedspa.regrowth=random+fedspa.regrown_init=zero,\

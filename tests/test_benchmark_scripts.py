@@ -162,7 +162,7 @@ def test_the_fidelity_runner_writes_each_stage_table_and_per_seed_files(tmp_path
     assert "pooled, on validation" in table
     assert "| fedspa+fedspa.regrowth=gradient+fedspa.regrown_init=zero+fedspa.aggregation=mean | 3 |" in table
     runs = sorted(p.name for p in stage.iterdir() if p.is_dir())
-    assert len(runs) == 12 and "fedspa+fedspa.regrowth-random+fedspa.regrown_init-zero_seed2" in runs
+    assert len(runs) == 18 and "fedspa+fedspa.regrowth-random+fedspa.regrown_init-global_seed2" in runs
     assert sorted(f.name for f in (stage / runs[0]).iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json"]
     bad = subprocess.run(["bash", "benchmarks/fidelity.sh", "bogus"], capture_output=True, text=True, env=env,
                          cwd=ROOT, timeout=60)

@@ -80,7 +80,7 @@ class FedSpaConfig:
     mask_init: str = "erk"
     drop_fraction: float = 0.5  # alpha_0 of the cosine schedule
     mask_update_interval: int = 1  # rounds between mask updates
-    regrowth: str = "gradient"  # |gradient| (RigL) and global: chosen on a validation split (docs/training.md)
+    regrowth: str = "random"  # random (the paper's) and global: chosen on a validation split (docs/training.md)
     regrown_init: str = "global"
     aggregation: str = "holders"
     weighted_aggregation: bool = False  # weight clients by their data size

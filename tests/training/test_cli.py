@@ -81,13 +81,13 @@ def test_a_variant_carries_its_own_overrides():
     from fedspa.config import ExperimentConfig
 
     base = ExperimentConfig.load(None, ["local_epochs=2"])
-    variant = Variant.parse("fedspa:dense_masked+fedspa.regrowth=random+fedspa.density=0.3")
-    assert variant.label == "fedspa:dense_masked+fedspa.regrowth=random+fedspa.density=0.3"
+    variant = Variant.parse("fedspa:dense_masked+fedspa.regrowth=gradient+fedspa.density=0.3")
+    assert variant.label == "fedspa:dense_masked+fedspa.regrowth=gradient+fedspa.density=0.3"
     config = variant.configure(base, 4)
     assert (config.fedspa.regrowth, config.fedspa.density, config.fedspa.execution, config.local_epochs,
-            config.seed) == ("random", 0.3, "dense_masked", 2, 4)
-    assert config.name == "fedspa_dense_masked+fedspa.regrowth-random+fedspa.density-0.3_seed4"
-    assert base.fedspa.regrowth == "gradient" and base.fedspa.density == 0.1  # the shared config is untouched
+            config.seed) == ("gradient", 0.3, "dense_masked", 2, 4)
+    assert config.name == "fedspa_dense_masked+fedspa.regrowth-gradient+fedspa.density-0.3_seed4"
+    assert base.fedspa.regrowth == "random" and base.fedspa.density == 0.5  # the shared config is untouched
     with pytest.raises(ValueError, match="seed is not a per-variant override"):
         Variant.parse("fedspa+seed=3")
     with pytest.raises(ValueError, match="fedspa.execution is not a per-variant override"):
