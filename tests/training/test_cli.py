@@ -101,14 +101,14 @@ def test_a_variant_carries_its_own_overrides():
 
 
 def test_compare_runs_an_ablation_from_overrides(tmp_path, capsys):
-    assert main(["compare", "--output", str(tmp_path), "--variants", "fedspa,fedspa+fedspa.regrowth=random",
+    assert main(["compare", "--output", str(tmp_path), "--variants", "fedspa,fedspa+fedspa.regrowth=gradient",
                  *TINY]) == 0
-    assert "| fedspa+fedspa.regrowth=random | 1 |" in capsys.readouterr().out
+    assert "| fedspa+fedspa.regrowth=gradient | 1 |" in capsys.readouterr().out
     import yaml
 
-    saved = yaml.safe_load((tmp_path / "fedspa+fedspa.regrowth-random_seed0" / "config.yaml").read_text())
+    saved = yaml.safe_load((tmp_path / "fedspa+fedspa.regrowth-gradient_seed0" / "config.yaml").read_text())
     plain = yaml.safe_load((tmp_path / "fedspa_seed0" / "config.yaml").read_text())
-    assert (saved["fedspa"]["regrowth"], plain["fedspa"]["regrowth"]) == ("random", "gradient")
+    assert (saved["fedspa"]["regrowth"], plain["fedspa"]["regrowth"]) == ("gradient", "random")
 
 
 def test_all_expands_to_every_algorithm():
@@ -134,7 +134,7 @@ def test_the_help_example_runs_as_written(tmp_path, capsys):
 def test_too_few_samples_says_what_would_fit(tmp_path, capsys):
     assert main(["train", "--output", str(tmp_path / "run"), "data.dataset=digits", "rounds=1"]) == 2
     err = capsys.readouterr().err
-    assert "needs 6000 samples, the dataset has 1797" in err and "data.samples_per_client=179 or less" in err
+    assert "needs 4000 samples, the dataset has 1797" in err and "data.samples_per_client=179 or less" in err
     assert "Traceback" not in err
 
 

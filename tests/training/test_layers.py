@@ -17,7 +17,8 @@ from fedspa.train import federation, read_checkpoint, run
 
 DIGITS = ["data.dataset=digits", "data.samples_per_client=250", "data.alpha=0.5", "clients=4", "client_fraction=1.0",
           "rounds=6", "local_epochs=3", "batch_size=25", "measure_memory=false", "progress=false",
-          "fedspa.density=0.3", "sub_fedavg.prune_rate=0.2", "fedspa.sparse_policy=memory"]
+          "fedspa.density=0.3", "sub_fedavg.prune_rate=0.2", "fedspa.sparse_policy=memory",
+          "lr=0.05", "momentum=0.9"]  # learns these tiny federations in a few rounds (the default SGD is slower)
 
 
 class BatchNormCNN(nn.Module):
@@ -140,7 +141,8 @@ def test_apply_masks_picks_sparse_layers_only_where_they_exist():
 def _fedspa(model_fn, data, tmp_path, *overrides):
     config = ExperimentConfig.load(None, ["algorithm=fedspa", "rounds=8", "client_fraction=1.0", "local_epochs=3",
                                           "batch_size=20", "fedspa.density=0.3", "progress=false",
-                                          "measure_memory=false", "fedspa.sparse_policy=memory", *overrides])
+                                          "measure_memory=false", "fedspa.sparse_policy=memory", "lr=0.05", "momentum=0.9",
+                                          *overrides])
     result = run(config, model_fn=model_fn, data=data, output_dir=tmp_path)
     _check_masks(result, federation(config, model_fn=model_fn, data=data))
     return result
