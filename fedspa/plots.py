@@ -69,10 +69,19 @@ def _finish(fig, ax, x: str, title: str, path: Path, note: str = "", split: str 
     ax.set_ylabel(f"personalized {split} accuracy (pooled)")
     ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]), top=min(1.0, ax.get_ylim()[1]))
     ax.grid(alpha=0.3, which="major")
-    ax.legend(fontsize="small", loc="best")
+    labels = ax.get_legend_handles_labels()[1]
+    if len(labels) <= 3:
+        ax.legend(fontsize="small", loc="best")
+    else:  # many methods: below the axes, where no curve runs
+        longest = max(len(label) for label in labels)
+        columns = 1 if longest > 40 else 2 if longest > 18 else 3
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(width, height + 0.2 * math.ceil(len(labels) / columns))
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.26 if note else -0.17),
+                  ncol=columns, frameon=False)
     ax.set_title(title, fontsize="medium")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     _pyplot().close(fig)
 
 
