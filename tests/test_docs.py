@@ -63,3 +63,29 @@ def test_the_readme_commands_run_as_written(tmp_path):
         done = subprocess.run([sys.executable, "-m", "fedspa.cli", *args, *extra], cwd=tmp_path, capture_output=True,
                               text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert done.returncode == 0, f"{command}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+def _table_rows(text: str) -> list[str]:
+    """The body rows of every markdown table whose header starts ``| variant |``."""
+    rows, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("| variant |"):
+            inside = True
+        elif not line.startswith("|"):
+            inside = False
+        elif inside and not line.startswith("| ---"):
+            rows.append(line.strip())
+    return rows
+
+
+@pytest.mark.parametrize("doc", ["README.md", "benchmarks/README.md"])
+def test_every_result_row_quoted_is_a_committed_row(doc):
+    """A variant row in the documentation is copied, character for character, from a committed comparison table
+    (benchmarks/results/**/comparison.md): its numbers are the numbers."""
+    committed = set()
+    for table in (REPO / "benchmarks" / "results").rglob("comparison.md"):
+        committed.update(_table_rows(table.read_text()))
+    quoted = _table_rows((REPO / doc).read_text())
+    assert quoted or doc != "README.md", "the README quotes no result table"
+    missing = [row for row in quoted if row not in committed]
+    assert not missing, f"{doc} rows found in no committed comparison.md:\n" + "\n".join(missing)
