@@ -18,8 +18,8 @@
 #                 by all clients, and vs a personal dense head (9 runs)
 #   dirichlet     every algorithm (FedDST included) and the dense-masked twins of the sparse ones, Dirichlet(0.3)
 #                 labels (42 runs)
-#   pathological  every algorithm, 2 classes per client (33 runs; the dense-masked twins compute the same models as
-#                 their sparse algorithm, only slower: their time is measured in the dirichlet and density stages)
+#   pathological  2 classes per client: the eight methods that decide the comparison (FedSpa, the best dense
+#                 personalized methods, local training, and the global FedAvg and FedDST; 24 runs)
 #   density       FedSpa and its dense-masked twin at density 0.5, 0.2 and 0.1 (18 runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -91,7 +91,7 @@ fedspa+fedspa.regrowth=random+fedspa.regrown_init=zero+fedspa.personal_head=true
     dirichlet)
       run_stage dirichlet all ;;
     pathological)
-      run_stage pathological fedspa,sub_fedavg,feddst,fedavg,fedavg_ft,local,ditto,fedper,lg_fedavg,fedprox,fedrep \
+      run_stage pathological fedspa,ditto,sub_fedavg,local,fedrep,fedper,feddst,fedavg \
         data.partition=pathological data.classes_per_client=2 ;;
     density)  # FedSpa and the same algorithm on dense weights x mask at each density: what sparsity buys
       run_stage density "fedspa+fedspa.density=0.5,fedspa:dense_masked+fedspa.density=0.5,\
