@@ -1,4 +1,4 @@
-"""Shared test helpers: backend x device parametrization, poisoned allocations."""
+"""Shared test helpers: backend x device parametrization, poisoned allocations, fast SGD for tiny federations."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import torch
 import fedspa_kernels as fk
 
 HAS_CUDA = torch.cuda.is_available()
+
+# the default SGD (the paper's: lr 0.1, no momentum) learns the tests' tiny federations too slowly in a few rounds
+FAST_SGD = ["lr=0.05", "momentum=0.9"]
 
 # Which devices each backend runs on (triton on CPU only through the interpreter).
 _BACKEND_DEVICES = {

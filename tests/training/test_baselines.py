@@ -8,12 +8,12 @@ import torch
 from fedspa.algorithms import names
 from fedspa.config import ExperimentConfig
 from fedspa.train import read_checkpoint, run
+from tests.helpers import FAST_SGD
 
 TINY = ["data.dataset=digits", "data.samples_per_client=250", "data.alpha=0.5", "clients=4", "client_fraction=1.0",
         "model.name=mlp", "model.width=8", "fedspa.density=0.3", "rounds=6", "local_epochs=4", "batch_size=25",
         "measure_memory=false", "progress=false", "sub_fedavg.prune_rate=0.2",
-        "fedspa.sparse_policy=memory",  # sparse layers wherever they fit: what these tests exercise
-        "lr=0.05", "momentum=0.9"]  # learns these tiny federations in a few rounds (the default SGD is slower)
+        "fedspa.sparse_policy=memory"] + FAST_SGD  # sparse layers wherever they fit: what these tests exercise
 
 
 def _run(tmp_path, algorithm, *extra):

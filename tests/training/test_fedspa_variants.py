@@ -10,11 +10,11 @@ from fedspa.algorithms.base import Upload
 from fedspa.algorithms.base import last_linear_names
 from fedspa.config import ExperimentConfig
 from fedspa.train import federation, run
+from tests.helpers import FAST_SGD
 
 TINY = ["data.dataset=digits", "data.samples_per_client=250", "data.alpha=0.5", "clients=3", "client_fraction=1.0",
         "model.name=mlp", "model.width=8", "fedspa.density=0.3", "rounds=3", "local_epochs=1", "batch_size=25",
-        "progress=false", "measure_memory=false", "fedspa.sparse_policy=memory",
-        "lr=0.05", "momentum=0.9"]  # learns these tiny federations in a few rounds (the default SGD is slower)
+        "progress=false", "measure_memory=false", "fedspa.sparse_policy=memory"] + FAST_SGD
 SHARED = ["fedspa.mask_scope=shared", "fedspa.regrowth=random"]  # the server has no gradients to regrow by
 
 

@@ -14,11 +14,11 @@ from fedspa.data import FederatedData, federated_data
 from fedspa.masks import density_of
 from fedspa.nn import apply_masks, mask_in_forward, masked_weight_values
 from fedspa.train import federation, read_checkpoint, run
+from tests.helpers import FAST_SGD
 
 DIGITS = ["data.dataset=digits", "data.samples_per_client=250", "data.alpha=0.5", "clients=4", "client_fraction=1.0",
           "rounds=6", "local_epochs=3", "batch_size=25", "measure_memory=false", "progress=false",
-          "fedspa.density=0.3", "sub_fedavg.prune_rate=0.2", "fedspa.sparse_policy=memory",
-          "lr=0.05", "momentum=0.9"]  # learns these tiny federations in a few rounds (the default SGD is slower)
+          "fedspa.density=0.3", "sub_fedavg.prune_rate=0.2", "fedspa.sparse_policy=memory"] + FAST_SGD
 
 
 class BatchNormCNN(nn.Module):
@@ -141,7 +141,7 @@ def test_apply_masks_picks_sparse_layers_only_where_they_exist():
 def _fedspa(model_fn, data, tmp_path, *overrides):
     config = ExperimentConfig.load(None, ["algorithm=fedspa", "rounds=8", "client_fraction=1.0", "local_epochs=3",
                                           "batch_size=20", "fedspa.density=0.3", "progress=false",
-                                          "measure_memory=false", "fedspa.sparse_policy=memory", "lr=0.05", "momentum=0.9",
+                                          "measure_memory=false", "fedspa.sparse_policy=memory", *FAST_SGD,
                                           *overrides])
     result = run(config, model_fn=model_fn, data=data, output_dir=tmp_path)
     _check_masks(result, federation(config, model_fn=model_fn, data=data))

@@ -10,11 +10,11 @@ import torch
 
 from fedspa.config import ExperimentConfig
 from fedspa.train import CheckpointError, load_checkpoint, read_checkpoint, run
+from tests.helpers import FAST_SGD
 
 TINY = ["data.dataset=digits", "data.samples_per_client=250", "data.alpha=0.5", "clients=4", "client_fraction=1.0",
         "model.name=mlp", "model.width=8", "fedspa.density=0.3", "rounds=8", "local_epochs=4", "batch_size=25",
-        "progress=false", "fedspa.sparse_policy=memory",  # sparse layers wherever they fit
-        "lr=0.05", "momentum=0.9"]  # learns these tiny federations in a few rounds (the default SGD is slower)
+        "progress=false", "fedspa.sparse_policy=memory"] + FAST_SGD  # sparse layers wherever they fit
 TIMING = {"train_seconds", "eval_seconds", "peak_memory"}
 
 
