@@ -348,9 +348,27 @@ def why_not_sparse(module: nn.Module, attr: str = "weight") -> str:
     return name
 
 
+class _MaskGradient(torch.autograd.Function):
+    """The weight unchanged forward (it is kept zero off the mask), its gradient times the mask backward."""
+
+    @staticmethod
+    def forward(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return weight.view_as(weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
 class WeightMask(nn.Module):
-    """A parametrization: the weight times a fixed bool mask, so the forward sees only the masked weights and the
-    gradient off the mask is exactly zero."""
+    """A parametrization: the weight restricted to a fixed bool mask. The stored weight is zero off the mask (set so
+    by :func:`mask_in_forward` and by assignment, ``right_inverse``) and its gradient is masked, so it stays zero
+    through SGD with weight decay and momentum: the forward sees exactly ``w * mask`` without computing the product."""
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
@@ -359,6 +377,9 @@ class WeightMask(nn.Module):
         self.register_buffer("mask", mask)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _MaskGradient.apply(weight, self.mask)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask
 
 

@@ -3,10 +3,12 @@ supports (depthwise convs, Embedding, MultiheadAttention's packed projection) ru
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedspa.config import ExperimentConfig
@@ -126,6 +128,39 @@ def test_a_masked_weight_stays_masked_through_sgd_with_weight_decay_and_momentum
         assert torch.all(original[~mask] == 0) and torch.all(attention.in_proj_weight[~mask] == 0)
     values = masked_weight_values(attention, ["in_proj_weight"])["in_proj_weight"]
     assert torch.equal(values != 0, mask & (values != 0)) and values[mask].abs().sum() > 0
+
+
+def test_a_masked_weight_trains_exactly_like_weight_times_mask_and_survives_copies():
+    """The masked weight's trajectory equals an explicit ``w * m`` in the forward bit for bit (clipping, weight decay
+    and momentum included), also after a deepcopy and after assigning a value that is nonzero off the mask."""
+    torch.manual_seed(0)
+    conv, linear = nn.Conv2d(3, 6, 3), nn.Linear(6 * 5 * 5, 4)
+    masks = {"0.weight": torch.rand(conv.weight.shape) < 0.5, "2.weight": torch.rand(linear.weight.shape) < 0.4}
+    reference = nn.Sequential(copy.deepcopy(conv), nn.Flatten(), copy.deepcopy(linear))
+    with torch.no_grad():
+        for name, mask in masks.items():
+            reference.get_parameter(name).mul_(mask)
+    masked = mask_in_forward(copy.deepcopy(nn.Sequential(conv, nn.Flatten(), linear)), masks)
+    masked = copy.deepcopy(masked)  # a copy must keep masking the gradient
+
+    def forward_reference(x):
+        x = F.conv2d(x, reference[0].weight * masks["0.weight"], reference[0].bias)
+        return F.linear(x.flatten(1), reference[2].weight * masks["2.weight"], reference[2].bias)
+
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01) for m in (reference, masked)]
+    for _ in range(4):
+        x = torch.randn(5, 3, 7, 7)
+        for forward, model, optimizer in ((forward_reference, reference, optimizers[0]),
+                                          (masked, masked, optimizers[1])):
+            optimizer.zero_grad()
+            forward(x).square().sum().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+    for name, mask in masks.items():
+        value = masked_weight_values(masked, [name])[name]
+        assert torch.equal(value, reference.get_parameter(name) * mask) and torch.all(value[~mask] == 0)
+    masked[2].weight = torch.ones_like(linear.weight)  # an assignment keeps only the mask's entries
+    assert torch.equal(masked[2].weight, masks["2.weight"].float())
 
 
 def test_apply_masks_picks_sparse_layers_only_where_they_exist():
