@@ -14,12 +14,12 @@
 #                 not read): regrowth random vs |gradient| x regrown weights at 0 vs the global value, and holders
 #                 vs mean aggregation at either regrowth (18 runs). The defaults in configs/default.yaml were chosen
 #                 from this table.
-#   ablations     FedSpa (random regrowth, which a shared mask needs, regrown weights at 0) vs one mask shared
-#                 by all clients, and vs a personal dense head (9 runs)
+#   ablations     FedSpa at its defaults vs one mask shared by all clients (the defaults' random regrowth is what
+#                 a shared mask needs), and vs a personal dense head (9 runs)
 #   dirichlet     every algorithm (FedDST included) and the dense-masked twins of the sparse ones, Dirichlet(0.3)
 #                 labels (42 runs)
-#   pathological  2 classes per client: the eight methods that decide the comparison (FedSpa, the best dense
-#                 personalized methods, local training, and the global FedAvg and FedDST; 24 runs)
+#   pathological  2 classes per client: every algorithm (33 runs; the dense-masked twins are in dirichlet and
+#                 density)
 #   density       FedSpa and its dense-masked twin at density 0.5, 0.2 and 0.1 (18 runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,13 +85,11 @@ fedspa+fedspa.regrowth=gradient+fedspa.regrown_init=zero,fedspa+fedspa.regrowth=
 fedspa+fedspa.regrowth=random+fedspa.regrown_init=zero+fedspa.aggregation=mean,\
 fedspa+fedspa.regrowth=gradient+fedspa.regrown_init=zero+fedspa.aggregation=mean" data.evaluate_on=validation ;;
     ablations)
-      run_stage ablations "fedspa+fedspa.regrowth=random+fedspa.regrown_init=zero,\
-fedspa+fedspa.regrowth=random+fedspa.regrown_init=zero+fedspa.mask_scope=shared,\
-fedspa+fedspa.regrowth=random+fedspa.regrown_init=zero+fedspa.personal_head=true" ;;
+      run_stage ablations "fedspa,fedspa+fedspa.mask_scope=shared,fedspa+fedspa.personal_head=true" ;;
     dirichlet)
       run_stage dirichlet all ;;
     pathological)
-      run_stage pathological fedspa,ditto,sub_fedavg,local,fedrep,fedper,feddst,fedavg \
+      run_stage pathological fedspa,ditto,sub_fedavg,local,fedrep,fedper,feddst,fedavg,fedavg_ft,lg_fedavg,fedprox \
         data.partition=pathological data.classes_per_client=2 ;;
     density)  # FedSpa and the same algorithm on dense weights x mask at each density: what sparsity buys
       run_stage density "fedspa+fedspa.density=0.5,fedspa:dense_masked+fedspa.density=0.5,\
