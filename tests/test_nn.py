@@ -55,6 +55,8 @@ CONV_GEOMETRIES = [
     dict(kernel_size=5, stride=1, padding=2, dilation=2),
     dict(kernel_size=(3, 1), stride=(2, 1), padding=(1, 0), dilation=1),
     dict(kernel_size=1, stride=1, padding=0, dilation=1),
+    dict(kernel_size=1, stride=2, padding=0, dilation=1),
+    dict(kernel_size=1, stride=(3, 2), padding=0, dilation=2),
 ]
 
 

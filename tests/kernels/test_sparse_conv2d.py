@@ -21,6 +21,8 @@ GEOMETRIES = [
     (3, 6, (12, 12), (3, 3), (1, 2), (2, 1), (2, 3)),
     (1, 7, (8, 8), (1, 1), (1, 1), (0, 0), (1, 1)),
     (5, 2, (4, 4), (3, 3), (3, 3), (2, 2), (1, 1)),  # padding wider than the taps reach in the corners
+    (4, 6, (11, 9), (1, 1), (2, 2), (0, 0), (1, 1)),  # a 1x1 downsample: odd sizes, the last pixel read
+    (3, 5, (10, 13), (1, 1), (3, 2), (0, 0), (2, 1)),  # uneven strides (the dilation of a 1x1 kernel is moot)
 ]
 
 
@@ -294,3 +296,21 @@ def test_spatially_tiled_cpu_kernels_match_the_references(backend, device, geome
     poison_allocator(ref_i.numel(), torch.float32, device)
     _close(input_grad.kernel(backend)(S.values, S.crow_indices, S.col_indices, grad_out_t, [in_c, *hw], *geo), ref_i,
            2e-5)
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_a_strided_1x1_conv_in_the_kernels_layout_matches_dense(backend, device):
+    """channels_last_batch input (C, H, W, N), non-contiguous as a permuted NCHW tensor is: a strided 1x1
+    convolution gives the dense result and input gradient in that layout too."""
+    S = _sparse_weight(6, 4, (1, 1), 0.5, torch.float32, device)
+    x = torch.randn(5, 4, 9, 12, device=device, requires_grad=True)
+    out_t = fk.sparse_conv2d(x.permute(1, 2, 3, 0), S, (1, 1), None, (2, 3), 0, 1, backend=backend,
+                             channels_last_batch=True)
+    expected = _dense_conv(x, S, (1, 1), None, (2, 3), 0, 1)
+    _close(out_t.permute(3, 0, 1, 2), expected, 2e-5)
+    grad = torch.randn_like(out_t)
+    out_t.backward(grad)
+    x64 = x.detach().double().requires_grad_()
+    _dense_conv(x64, S, (1, 1), None, (2, 3), 0, 1).backward(grad.permute(3, 0, 1, 2).double())
+    _close(x.grad, x64.grad, 2e-5)
+    assert torch.all(x.grad[:, :, 1::2] == 0) and torch.all(x.grad[:, :, :, 1::3] == 0)  # pixels never read
