@@ -192,3 +192,9 @@ def test_sparse_format_benchmark_smoke(tmp_path):
     result = _run(["benchmarks/sparse_format.py", "report", "--old", str(tmp_path / "a.json"), "--new",
                    str(tmp_path / "b.json")], {})
     assert "| linear 24->16 | 0.5 | 0.9 |" in result.stdout and "| conv 3-4 6x6 k3 s1, batch 4 | 0.3 |" in result.stdout
+
+
+def test_masked_step_benchmark_smoke():
+    result = _run(["benchmarks/masked_step.py", "--threads", "1", "--steps", "7"], {})
+    row = [line for line in result.stdout.splitlines() if line.startswith("| 1 |")]
+    assert len(row) == 1 and all(float(cell) > 0 for cell in row[0].split("|")[2:5])
