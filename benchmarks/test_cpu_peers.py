@@ -2,7 +2,8 @@
 ICML 2023, the C++ sparse-backprop library for exactly these layers) and as a dense layer on a masked weight.
 
 A train step is forward + input gradient + weight gradient (the first layer of a network needs no input gradient;
-these layers all do). fp32, one process; ``FEDSPA_BENCH_THREADS`` threads (default 1) for torch and OpenMP alike.
+these layers all do). fp32, one process; ``FEDSPA_BENCH_THREADS`` threads (default 1) for torch and OpenMP alike;
+``FEDSPA_BENCH_BATCH`` (default 32) sets the convolutions' batch.
 SparseProp's convolution has two loop orders (``vectorizing_over_on``); both are timed and its faster one is the
 peer, as its own ``sparsify_conv2d_auto`` would pick. A dense SGEMM measures the machine's achievable FLOP rate.
 
@@ -35,12 +36,14 @@ except ImportError:  # not installed: the peer's rows are skipped
 
 pytestmark = pytest.mark.skipif(not fk.available_backends()["cpp"], reason="the cpp backend is not built")
 
+BATCH = int(os.environ.get("FEDSPA_BENCH_BATCH", "32"))  # the convolutions' batch (named when not 32)
+_B = "" if BATCH == 32 else f" B={BATCH}"
 # (name, cin, cout, hw, kernel, stride, padding, batch, densities)
 CONVS = [
-    ("resnet stage1 64-64 32x32 k3", 64, 64, 32, 3, 1, 1, 32, (0.5, 0.2, 0.1, 0.05)),
-    ("resnet stage2 64-128 32x32 k3 s2", 64, 128, 32, 3, 2, 1, 32, (0.5, 0.1)),
-    ("resnet downsample 64-128 32x32 k1 s2", 64, 128, 32, 1, 2, 0, 32, (0.5, 0.1)),
-    ("resnet stage3 256-256 8x8 k3", 256, 256, 8, 3, 1, 1, 32, (0.5, 0.2, 0.1)),
+    (f"resnet stage1 64-64 32x32 k3{_B}", 64, 64, 32, 3, 1, 1, BATCH, (0.5, 0.2, 0.1, 0.05)),
+    (f"resnet stage2 64-128 32x32 k3 s2{_B}", 64, 128, 32, 3, 2, 1, BATCH, (0.5, 0.1)),
+    (f"resnet downsample 64-128 32x32 k1 s2{_B}", 64, 128, 32, 1, 2, 0, BATCH, (0.5, 0.1)),
+    (f"resnet stage3 256-256 8x8 k3{_B}", 256, 256, 8, 3, 1, 1, BATCH, (0.5, 0.2, 0.1)),
 ]
 # (name, in, out, rows of input, densities)
 LINEARS = [
