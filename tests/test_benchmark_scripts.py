@@ -198,3 +198,10 @@ def test_masked_step_benchmark_smoke():
     result = _run(["benchmarks/masked_step.py", "--threads", "1", "--steps", "7"], {})
     row = [line for line in result.stdout.splitlines() if line.startswith("| 1 |")]
     assert len(row) == 1 and all(float(cell) > 0 for cell in row[0].split("|")[2:5])
+
+
+@pytest.mark.skipif(not fk.available_backends()["cpp"], reason="the cpp backend is not built")
+def test_conv_batch_scaling_smoke():
+    result = _run(["benchmarks/conv_batch_scaling.py", "--batches", "2,3"], {})
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 2 |") or line.startswith("| 3 |")]
+    assert len(rows) == 2 and all(float(cell) > 0 for row in rows for cell in row.split("|")[2:5])
