@@ -409,8 +409,7 @@ def mask_in_forward(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.M
             raise ValueError(f"mask_in_forward: mask for {name!r} has shape {tuple(mask.shape)}, the weight "
                              f"{tuple(weight.shape)}")
         mask = mask.to(device=weight.device, dtype=torch.bool)
-        with torch.no_grad():
-            weight.mul_(mask)
+        # registering applies WeightMask.right_inverse to the stored weight in place: zero off the mask
         parametrize.register_parametrization(module, attr, WeightMask(mask))
     return model
 
