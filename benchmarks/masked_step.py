@@ -26,19 +26,17 @@ from torch.nn.utils import parametrize
 
 from fedspa.masks import layer_densities, maskable_parameters, random_masks
 from fedspa.models import CNN
-from fedspa.nn import mask_in_forward
+from fedspa.nn import WeightMask, mask_in_forward
 
 
-class _ProductMask(nn.Module):
-    def __init__(self, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask)
+class _ProductMask(WeightMask):
+    """WeightMask as it was: the product in the forward (registering still zeroes the weight off the mask)."""
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask
 
 
-def _models() -> tuple[dict[str, nn.Module], dict[str, torch.Tensor]]:
+def _models() -> dict[str, nn.Module]:
     torch.manual_seed(0)
     base = CNN((1, 28, 28), 10)
     shapes = maskable_parameters(base)
@@ -46,18 +44,15 @@ def _models() -> tuple[dict[str, nn.Module], dict[str, torch.Tensor]]:
     masks = {n: m for n, m in masks.items() if not bool(m.all())}
     product = copy.deepcopy(base)
     for name, mask in masks.items():
-        module = product.get_submodule(name.rpartition(".")[0])
-        with torch.no_grad():
-            module.weight.mul_(mask)
-        parametrize.register_parametrization(module, "weight", _ProductMask(mask))
-    return {"dense": copy.deepcopy(base), "w * mask": product,
-            "fedspa": mask_in_forward(copy.deepcopy(base), masks)}, masks
+        parametrize.register_parametrization(product.get_submodule(name.rpartition(".")[0]), "weight",
+                                             _ProductMask(mask))
+    return {"dense": copy.deepcopy(base), "w * mask": product, "fedspa": mask_in_forward(copy.deepcopy(base), masks)}
 
 
 def measure(threads: int, steps: int) -> dict[str, float]:
     """Median ms per training step of each way, at `threads` torch threads."""
     torch.set_num_threads(threads)
-    models, _ = _models()
+    models = _models()
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=0.1, weight_decay=5e-4) for k, m in models.items()}
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g)

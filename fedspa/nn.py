@@ -366,9 +366,10 @@ class _MaskGradient(torch.autograd.Function):
 
 
 class WeightMask(nn.Module):
-    """A parametrization: the weight restricted to a fixed bool mask. The stored weight is zero off the mask (set so
-    by :func:`mask_in_forward` and by assignment, ``right_inverse``) and its gradient is masked, so it stays zero
-    through SGD with weight decay and momentum: the forward sees exactly ``w * mask`` without computing the product."""
+    """A parametrization: the weight restricted to a fixed bool mask. The stored weight is zero off the mask
+    (``right_inverse`` zeroes it when the parametrization is registered and on every assignment) and its gradient is
+    masked, so it stays zero through SGD with weight decay and momentum: the forward sees exactly ``w * mask``
+    without computing the product."""
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
