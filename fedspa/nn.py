@@ -1,7 +1,8 @@
 """Sparse layers whose parameters are only the active weights, on fedspa_kernels' sparse kernels.
 
 ``SparseLinear`` and ``SparseConv2d`` hold the active values as their parameter (so gradients and optimizer
-state exist only for them) and the pattern as CSR buffers (4 bytes of index per active weight, no transposed copy).
+state exist only for them) and the pattern as CSR buffers (2 bytes of index per active weight with int16 columns,
+no transposed copy).
 :func:`sparsify` turns the Linear/Conv2d layers of a model into sparse ones given masks; :func:`densify` turns them
 back. Any other weight
 (a depthwise conv, an Embedding, ``MultiheadAttention``'s packed ``in_proj_weight``) can be masked in the forward

@@ -2,7 +2,7 @@
 import (it imports only torch), so that no import circle can form. The C++/CUDA kernels make the same checks with
 the same messages (csrc/include/fedspa/*.h).
 
-A CSR pattern (``crow`` int64 of rows + 1, ``col`` int32 of nnz) is valid for a matrix with ``num_cols`` columns
+A CSR pattern (``crow`` int64 of rows + 1, ``col`` int16 or int32 of nnz) is valid for a matrix with ``num_cols`` columns
 when ``crow[0] == 0``, crow never decreases, ``crow[rows] == nnz``, and within each row the columns strictly
 increase and lie in ``[0, num_cols)``. Every kernel of every backend checks this itself before reading through the
 indices.
@@ -19,6 +19,15 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 INT32_MAX = 2**31 - 1
+COL_DTYPES = (torch.int16, torch.int32)  # CSR column indices: int16 wherever the columns fit, else int32
+
+
+def col_dtype_for(num_cols: int) -> torch.dtype:
+    """The column index dtype a pattern with `num_cols` columns is stored in: int16 (2 bytes per nonzero) up to
+    32768 columns, int32 beyond (up to 2^31 - 1 columns; more is an error)."""
+    if num_cols > INT32_MAX:
+        raise ValueError(f"{num_cols} columns do not fit int32 column indices")
+    return torch.int16 if num_cols <= 2**15 else torch.int32
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -29,8 +38,8 @@ def check_csr_metadata(op: str, crow: torch.Tensor, col: torch.Tensor, device: t
     if not isinstance(crow, torch.Tensor) or crow.dtype != torch.int64 or crow.dim() != 1 or crow.numel() < 1:
         raise TypeError(f"{op}: crow_indices must be a non-empty 1-D int64 tensor, got "
                         f"{_describe(crow)}")
-    if not isinstance(col, torch.Tensor) or col.dtype != torch.int32 or col.dim() != 1:
-        raise TypeError(f"{op}: col_indices must be a 1-D int32 tensor, got {_describe(col)}")
+    if not isinstance(col, torch.Tensor) or col.dtype not in COL_DTYPES or col.dim() != 1:
+        raise TypeError(f"{op}: col_indices must be a 1-D int16 or int32 tensor, got {_describe(col)}")
     for name, t in (("crow_indices", crow), ("col_indices", col)):
         if t.device != device:
             raise ValueError(f"{op}: {name} is on {t.device} but the operands are on {device}")
@@ -52,7 +61,8 @@ def check_csr(op: str, crow: torch.Tensor, col: torch.Tensor, num_cols: int) -> 
         raise ValueError(f"{op}: crow_indices decreases at row {r}: {int(crow[r])} -> {int(crow[r + 1])}")
     if nnz == 0:
         return
-    above = (col >= num_cols) if num_cols <= INT32_MAX else torch.zeros_like(col, dtype=torch.bool)
+    # a bound beyond col's range cannot be exceeded (and must not overflow the comparison)
+    above = (col >= num_cols) if num_cols <= torch.iinfo(col.dtype).max else torch.zeros_like(col, dtype=torch.bool)
     bad = ((col < 0) | above).nonzero()
     if bad.numel():
         k = int(bad[0, 0])

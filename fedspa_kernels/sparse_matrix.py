@@ -1,7 +1,9 @@
 """SparseMatrix: a matrix with a fixed sparsity pattern (fixed nnz), as FedSpa's sparse layers hold them.
 
-CSR only: ``crow_indices`` (int64, rows + 1), ``col_indices`` (int32, nnz) and ``values`` (nnz, in row-major
-order): 4 bytes of index per nonzero plus 8 per row. No transposed copy of the pattern is kept: the kernels that
+CSR only: ``crow_indices`` (int64, rows + 1), ``col_indices`` (nnz) and ``values`` (nnz, in row-major order). The
+column indices are int16 when the matrix has at most 32768 columns (every layer of the usual CNNs, ResNets and
+transformers: a conv's columns are in_channels x kernel taps), else int32: 2 (or 4) bytes of index per nonzero plus
+8 per row. Every kernel of every backend reads both. No transposed copy of the pattern is kept: the kernels that
 read a matrix column by column (S^T @ D, a convolution's input gradient) work from the CSR order itself (the C++
 transposed SpMM scatters along the rows) or build the transposed order for the call (:meth:`transpose_pattern`
 computes it for anyone who wants it).
@@ -15,13 +17,15 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES, INT32_MAX, check_csr, check_csr_metadata, csr_transpose, row_of_each_nonzero
+from ._checks import (FLOAT_DTYPES, INT32_MAX, check_csr, check_csr_metadata, col_dtype_for, csr_transpose,
+                      row_of_each_nonzero)
 
 _INT32_MAX = INT32_MAX
+_FROM_CSR_DTYPES = (torch.int16, torch.int32, torch.int64)
 
 
 def _pattern_of(mask: torch.Tensor, shape: torch.Size, device: torch.device, op: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR row pointers (int64) and column indices (int32) of a bool mask's True entries."""
+    """CSR row pointers (int64) and column indices (int16 or int32: col_dtype_for) of a bool mask's True entries."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"{op}: mask must be a bool tensor, got "
                         f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
@@ -33,7 +37,7 @@ def _pattern_of(mask: torch.Tensor, shape: torch.Size, device: torch.device, op:
         raise ValueError(f"{op}: {shape[1]} columns do not fit int32 column indices")
     crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=device)
     crow[1:] = torch.cumsum(mask.sum(dim=1), dim=0)
-    return crow, mask.nonzero()[:, 1].to(torch.int32)
+    return crow, mask.nonzero()[:, 1].to(col_dtype_for(shape[1]))
 
 
 class SparseMatrix:
@@ -75,9 +79,12 @@ class SparseMatrix:
     def __reduce__(self):  # copy and pickle through the constructor (the fields cannot be set one by one)
         return (_rebuild, (self.crow_indices, self.col_indices, self.values, self.shape))
 
+    col_dtype_for = staticmethod(col_dtype_for)
+
     shape = property(lambda self: self._shape, doc="(rows, cols)")
     crow_indices = property(lambda self: self._crow_indices, doc="CSR row pointers (int64, rows + 1)")
-    col_indices = property(lambda self: self._col_indices, doc="CSR column of each nonzero (int32)")
+    col_indices = property(lambda self: self._col_indices,
+                           doc="CSR column of each nonzero (int16 up to 32768 columns, else int32)")
     values = property(lambda self: self._values, doc="the nonzeros, in CSR order")
 
     # ---------------------------------------------------------------------------------------------- building
@@ -113,12 +120,13 @@ class SparseMatrix:
     @classmethod
     def from_csr(cls, crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
                  shape: tuple[int, int]) -> SparseMatrix:
-        """From CSR arrays (integer indices; column indices sorted and unique within each row); checks them all
-        before converting (an int64 column beyond int32 is an error, never truncated)."""
+        """From CSR arrays (integer indices; column indices sorted and unique within each row); checks
+        them all before converting the columns to :func:`col_dtype_for` (an out-of-range column is an error, never
+        truncated)."""
         rows, cols = int(shape[0]), int(shape[1])
         for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices)):
-            if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or t.dim() != 1:
-                raise TypeError(f"from_csr: {name} must be a 1-D int32 or int64 tensor, got "
+            if not isinstance(t, torch.Tensor) or t.dtype not in _FROM_CSR_DTYPES or t.dim() != 1:
+                raise TypeError(f"from_csr: {name} must be a 1-D int16, int32 or int64 tensor, got "
                                 f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
         if not isinstance(values, torch.Tensor) or values.dtype not in FLOAT_DTYPES or values.dim() != 1:
             raise TypeError("from_csr: values must be a 1-D floating tensor")
@@ -130,7 +138,7 @@ class SparseMatrix:
                 bad = int(((col_indices < 0) | (col_indices >= cols)).nonzero()[0, 0])
                 raise ValueError(f"from_csr: col_indices[{bad}] = {int(col_indices[bad])} is outside [0, {cols})")
         crow = crow_indices.to(torch.int64)
-        col = col_indices.to(torch.int32)
+        col = col_indices.to(col_dtype_for(cols))
         check_csr_metadata("from_csr", crow, col, values.device)
         if crow.numel() != rows + 1:
             raise ValueError(f"from_csr: crow_indices has {crow.numel()} entries, expected rows + 1 = {rows + 1}")

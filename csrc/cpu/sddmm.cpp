@@ -36,8 +36,8 @@ constexpr int kPrefetchDistance = 4;
 
 // One K-slice [j0, j1) of the dot products of row r with its nonzeros [b, e): acc[k] gets the slice's partial
 // sum (assigned on the first slice, added after).
-template <typename T>
-void sddmm_slice_generic(const T* a_row, const T* bt, const int32_t* col, int64_t b, int64_t e, int64_t K,
+template <typename T, typename I>
+void sddmm_slice_generic(const T* a_row, const T* bt, const I* col, int64_t b, int64_t e, int64_t K,
                          int64_t j0, int64_t j1, bool first, T* acc) {
   for (int64_t k = b; k < e; ++k) {
     const T* b_row = bt + static_cast<int64_t>(col[k]) * K;
@@ -61,7 +61,8 @@ __attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 x) {
 }
 
 // A full 64-wide K-slice: a's slice in eight registers, each nonzero's bt slice streamed and reduced.
-__attribute__((target("avx2,fma"))) void sddmm_slice64_avx2(const float* a_row, const float* bt, const int32_t* col,
+template <typename I>
+__attribute__((target("avx2,fma"))) void sddmm_slice64_avx2(const float* a_row, const float* bt, const I* col,
                                                             int64_t b, int64_t e, int64_t K, int64_t j0, bool first,
                                                             float* acc) {
   __m256 a_slice[8];
@@ -97,7 +98,8 @@ struct BlockByColumn {
   std::vector<int64_t> order;
   std::vector<int32_t> block_row;
 
-  void build(const int64_t* crow, const int32_t* col, int64_t r0, int64_t r1, int64_t cols) {
+  template <typename I>
+  void build(const int64_t* crow, const I* col, int64_t r0, int64_t r1, int64_t cols) {
     const int64_t n = crow[r1] - crow[r0];
     column_end.assign(cols + 1, 0);
     order.resize(n);
@@ -173,7 +175,8 @@ __attribute__((target("avx512f,avx2,fma"))) void sddmm_block_slice_avx512(const 
 }
 
 // The row-block path over all rows; acc gets every nonzero's dot product in CSR order.
-void sddmm_row_blocks_avx512(const float* a, const float* bt, const int64_t* crow, const int32_t* col,
+template <typename I>
+void sddmm_row_blocks_avx512(const float* a, const float* bt, const int64_t* crow, const I* col,
                              int64_t rows, int64_t cols, int64_t K, float* acc, const FusedCsrCheck& check) {
   const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
   at::parallel_for(0, blocks, 1, [&](int64_t block0, int64_t block1) {
@@ -215,8 +218,8 @@ bool use_row_blocks(int64_t rows, int64_t cols, int64_t nnz, int64_t K) {
 constexpr int64_t kL2Budget = int64_t{512} << 10;
 constexpr int64_t kSlice = 64;
 
-template <typename T>
-void sddmm_impl(const at::Tensor& a, const at::Tensor& bt, const int64_t* crow, const int32_t* col, at::Tensor& out,
+template <typename T, typename I>
+void sddmm_impl(const at::Tensor& a, const at::Tensor& bt, const int64_t* crow, const I* col, at::Tensor& out,
                 const FusedCsrCheck& check) {
   const int64_t rows = a.size(0);
   const int64_t cols = bt.size(0);
@@ -298,8 +301,11 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& bt, const at::Tensor
   const at::Tensor a_c = row_major(a);
   const at::Tensor bt_c = row_major(bt);
   at::Tensor out = at::empty({col.numel()}, a.options());
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sddmm_cpu", [&] {
-    sddmm_impl<scalar_t>(a_c, bt_c, crow_c.data_ptr<int64_t>(), col_c.data_ptr<int32_t>(), out, check);
+  dispatch_col_index(col_c, [&](auto index) {
+    using I = decltype(index);
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sddmm_cpu", [&] {
+      sddmm_impl<scalar_t>(a_c, bt_c, crow_c.data_ptr<int64_t>(), col_c.data_ptr<I>(), out, check);
+    });
   });
   check.finish();
   return out;

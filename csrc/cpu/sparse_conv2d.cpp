@@ -67,8 +67,8 @@ struct Acc8 {
 // ------------------------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------------------------
-template <typename T>
-void decode_row(const T* values, const int64_t* crow, const int32_t* col, int64_t o, const Geometry& g,
+template <typename T, typename I>
+void decode_row(const T* values, const int64_t* crow, const I* col, int64_t o, const Geometry& g,
                 std::vector<Tap<T>>& taps) {
   taps.clear();
   for (int64_t k = crow[o]; k < crow[o + 1]; ++k) {
@@ -220,7 +220,8 @@ int64_t tile_rows(int64_t planes, int64_t row_elems, int64_t width, int64_t stri
 #if defined(FEDSPA_X86_DISPATCH)
 // Output-row tiles outermost, every output channel inside: the input rows a tile reads stay in L2 while all output
 // channels' nonzeros stream over them (channel-outermost order re-reads the whole input from memory per channel).
-void forward_tiled_avx2(const float* values, const int64_t* crow, const int32_t* col, const float* in, float* out,
+template <typename I>
+void forward_tiled_avx2(const float* values, const int64_t* crow, const I* col, const float* in, float* out,
                         const Geometry& g) {
   std::vector<std::vector<Tap<float>>> taps(g.O);
   at::parallel_for(0, g.O, 16, [&](int64_t o0, int64_t o1) {
@@ -243,8 +244,8 @@ void forward_tiled_avx2(const float* values, const int64_t* crow, const int32_t*
 }
 #endif
 
-template <typename T>
-void forward_impl(const T* values, const int64_t* crow, const int32_t* col, const T* in, T* out, const Geometry& g) {
+template <typename T, typename I>
+void forward_impl(const T* values, const int64_t* crow, const I* col, const T* in, T* out, const Geometry& g) {
 #if defined(FEDSPA_X86_DISPATCH)
   if constexpr (std::is_same_v<T, float>) {
     if (cpu_has_avx2_fma() && worth_tiling(g.C, g.H, g.W, std::min(g.N, kBatchBlock), sizeof(float))) {
@@ -466,8 +467,8 @@ __attribute__((target("avx2,fma"))) float tap_dot_avx2(const float* gout, const 
 }
 #endif
 
-template <typename T>
-void weight_grad_impl(const T* gout, const T* in, const int64_t* crow, const int32_t* col, T* out,
+template <typename T, typename I>
+void weight_grad_impl(const T* gout, const T* in, const int64_t* crow, const I* col, T* out,
                       const Geometry& g) {
   at::parallel_for(0, g.O, 1, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
@@ -512,9 +513,12 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& values, const at::Tensor& crow, c
   const at::Tensor v = values.contiguous();
   const at::Tensor in = feature_major(input_t);
   at::Tensor out = at::empty({g.O, g.OH, g.OW, g.N}, input_t.options());
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparse_conv2d_cpu", [&] {
-    forward_impl<scalar_t>(v.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(), col_c.data_ptr<int32_t>(),
-                           in.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g);
+  dispatch_col_index(col_c, [&](auto index) {
+    using I = decltype(index);
+    AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparse_conv2d_cpu", [&] {
+      forward_impl<scalar_t>(v.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(), col_c.data_ptr<I>(),
+                             in.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g);
+    });
   });
   return out;
 }
@@ -536,12 +540,15 @@ at::Tensor sparse_conv2d_input_grad_cpu(const at::Tensor& values, const at::Tens
   const at::Tensor v = values.contiguous();
   const at::Tensor gout = feature_major(grad_out_t);
   at::Tensor gin = at::empty({g.C, g.H, g.W, g.N}, grad_out_t.options());
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparse_conv2d_input_grad_cpu", [&] {
-    // the gather below reads the weight column by column: its transposed order, built here for this call
-    const CscOf<scalar_t> t = csr_transpose_cpu(v.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(),
-                                                col_c.data_ptr<int32_t>(), g.O, g.C * g.kh * g.kw);
-    input_grad_dispatch<scalar_t>(t.values.get(), t.ccol.data(), t.row.get(), gout.data_ptr<scalar_t>(),
-                                  gin.data_ptr<scalar_t>(), g);
+  dispatch_col_index(col_c, [&](auto index) {
+    using I = decltype(index);
+    AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparse_conv2d_input_grad_cpu", [&] {
+      // the gather below reads the weight column by column: its transposed order, built here for this call
+      const CscOf<scalar_t> t = csr_transpose_cpu(v.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(),
+                                                  col_c.data_ptr<I>(), g.O, g.C * g.kh * g.kw);
+      input_grad_dispatch<scalar_t>(t.values.get(), t.ccol.data(), t.row.get(), gout.data_ptr<scalar_t>(),
+                                    gin.data_ptr<scalar_t>(), g);
+    });
   });
   return gin;
 }
@@ -564,9 +571,12 @@ at::Tensor sparse_conv2d_weight_grad_cpu(const at::Tensor& grad_out_t, const at:
   const at::Tensor gout = feature_major(grad_out_t);
   const at::Tensor in = feature_major(input_t);
   at::Tensor out = at::empty({col.numel()}, input_t.options());
-  AT_DISPATCH_FLOATING_TYPES(input_t.scalar_type(), "sparse_conv2d_weight_grad_cpu", [&] {
-    weight_grad_impl<scalar_t>(gout.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(),
-                               col_c.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), g);
+  dispatch_col_index(col_c, [&](auto index) {
+    using I = decltype(index);
+    AT_DISPATCH_FLOATING_TYPES(input_t.scalar_type(), "sparse_conv2d_weight_grad_cpu", [&] {
+      weight_grad_impl<scalar_t>(gout.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(),
+                                 col_c.data_ptr<I>(), out.data_ptr<scalar_t>(), g);
+    });
   });
   return out;
 }

@@ -31,15 +31,17 @@ constexpr const char* kOp = "spmm";
 constexpr int kPrefetchDistance = 4;
 
 
+// I: the column index type (int16_t or int32_t, see dispatch_col_index).
+template <typename I>
 struct Csr {
   const int64_t* crow;
-  const int32_t* col;
+  const I* col;
 };
 
 // Portable kernel (fp64, CPUs without AVX2, and column tails): W outputs per pass in a local array the
 // compiler vectorizes. `accumulate` adds to what out holds (later column panels).
-template <typename T, int W>
-void spmm_rows_generic(const T* values, const Csr& a, const RowRanges& ranges, const T* dense, T* out, int64_t r0,
+template <typename T, int W, typename I>
+void spmm_rows_generic(const T* values, const Csr<I>& a, const RowRanges& ranges, const T* dense, T* out, int64_t r0,
                        int64_t r1, int64_t n, int64_t n0, int64_t n1, bool accumulate) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = ranges.begin[r * ranges.stride];
@@ -66,8 +68,8 @@ void spmm_rows_generic(const T* values, const Csr& a, const RowRanges& ranges, c
 
 #if defined(FEDSPA_X86_DISPATCH)
 // V AVX2 vectors (8 * V fp32 outputs) per pass, V in {1, 2, 4, 8}: accumulators stay in registers.
-template <int V>
-__attribute__((target("avx2,fma"))) inline void spmm_pass_avx2(const float* values, const Csr& a, const float* dense,
+template <int V, typename I>
+__attribute__((target("avx2,fma"))) inline void spmm_pass_avx2(const float* values, const Csr<I>& a, const float* dense,
                                                                float* out_row, int64_t b, int64_t e, int64_t n,
                                                                int64_t j, bool accumulate) {
   __m256 acc[V];
@@ -85,7 +87,8 @@ __attribute__((target("avx2,fma"))) inline void spmm_pass_avx2(const float* valu
 }
 
 // Columns [n0, n1) of rows [r0, r1): passes of 64, 32, 16, 8 columns, then a scalar tail.
-__attribute__((target("avx2,fma"))) void spmm_rows_avx2(const float* values, const Csr& a, const RowRanges& ranges,
+template <typename I>
+__attribute__((target("avx2,fma"))) void spmm_rows_avx2(const float* values, const Csr<I>& a, const RowRanges& ranges,
                                                         const float* dense, float* out, int64_t r0, int64_t r1,
                                                         int64_t n, int64_t n0, int64_t n1, bool accumulate) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -120,8 +123,8 @@ __attribute__((target("avx2,fma"))) void spmm_rows_avx2(const float* values, con
 constexpr int64_t kL2Budget = int64_t{512} << 10;
 constexpr int64_t kBlock = 64;
 
-template <typename T>
-void spmm_impl(const at::Tensor& values, const Csr& a, const at::Tensor& dense, at::Tensor& out,
+template <typename T, typename I>
+void spmm_impl(const at::Tensor& values, const Csr<I>& a, const at::Tensor& dense, at::Tensor& out,
                const FusedCsrCheck& check) {
   const int64_t rows = out.size(0);
   const int64_t n = dense.size(1);
@@ -175,9 +178,12 @@ at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& crow, const at::
   const at::Tensor values_c = values.contiguous();
   const at::Tensor dense_c = row_major(dense);
   at::Tensor out = at::empty({crow.numel() - 1, dense.size(1)}, dense.options());
-  const Csr a{crow_c.data_ptr<int64_t>(), col_c.data_ptr<int32_t>()};
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "spmm_cpu", [&] {
-    spmm_impl<scalar_t>(values_c, a, dense_c, out, check);
+  dispatch_col_index(col_c, [&](auto index) {
+    using I = decltype(index);
+    const Csr<I> a{crow_c.data_ptr<int64_t>(), col_c.data_ptr<I>()};
+    AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "spmm_cpu", [&] {
+      spmm_impl<scalar_t>(values_c, a, dense_c, out, check);
+    });
   });
   check.finish();
   return out;

@@ -34,8 +34,8 @@ constexpr int64_t kL2Budget = int64_t{512} << 10;  // bytes of out's panel slice
 constexpr int64_t kMaxWidth = 64;
 
 // Columns [j0, j1) of out, every row of A (portable path: fp64, CPUs without AVX2, and column tails).
-template <typename T>
-void scatter_generic(const T* values, const RowRanges& ranges, const int32_t* col, const T* dense, T* out,
+template <typename T, typename I>
+void scatter_generic(const T* values, const RowRanges& ranges, const I* col, const T* dense, T* out,
                      int64_t rows, int64_t n, int64_t j0, int64_t j1) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* d = dense + r * n;
@@ -49,9 +49,9 @@ void scatter_generic(const T* values, const RowRanges& ranges, const int32_t* co
 
 #if defined(FEDSPA_X86_DISPATCH)
 // Columns [j, j + 8 V) of out, every row of A: V AVX2 vectors of dense held per row.
-template <int V>
+template <int V, typename I>
 __attribute__((target("avx2,fma"))) void scatter_avx2(const float* values, const RowRanges& ranges,
-                                                      const int32_t* col, const float* dense, float* out,
+                                                      const I* col, const float* dense, float* out,
                                                       int64_t rows, int64_t n, int64_t j) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t b = ranges.begin[r * ranges.stride];
@@ -88,7 +88,8 @@ __attribute__((target("avx2,fma"))) void scatter_avx2(const float* values, const
 }
 
 // Columns [j0, j1) with the widest passes that fit, then the scalar tail.
-void scatter_block_avx2(const float* values, const RowRanges& ranges, const int32_t* col, const float* dense,
+template <typename I>
+void scatter_block_avx2(const float* values, const RowRanges& ranges, const I* col, const float* dense,
                         float* out, int64_t rows, int64_t n, int64_t j0, int64_t j1) {
   int64_t j = j0;
   for (; j + 64 <= j1; j += 64) scatter_avx2<8>(values, ranges, col, dense, out, rows, n, j);
@@ -104,12 +105,12 @@ void scatter_block_avx2(const float* values, const RowRanges& ranges, const int3
     scatter_avx2<1>(values, ranges, col, dense, out, rows, n, j);
     j += 8;
   }
-  if (j < j1) scatter_generic<float>(values, ranges, col, dense, out, rows, n, j, j1);
+  if (j < j1) scatter_generic<float, I>(values, ranges, col, dense, out, rows, n, j, j1);
 }
 #endif
 
-template <typename T>
-void spmm_transposed_impl(const T* values, const int64_t* crow, const int32_t* col, const T* dense, T* out,
+template <typename T, typename I>
+void spmm_transposed_impl(const T* values, const int64_t* crow, const I* col, const T* dense, T* out,
                           int64_t rows, int64_t cols, int64_t n) {
   const int64_t width = std::min(n, kMaxWidth);
   const int64_t blocks = (n + kMaxWidth - 1) / kMaxWidth;
@@ -135,7 +136,7 @@ void spmm_transposed_impl(const T* values, const int64_t* crow, const int32_t* c
         }
       }
 #endif
-      scatter_generic<T>(values, ranges, col, dense, out, rows, n, j0, j1);
+      scatter_generic<T, I>(values, ranges, col, dense, out, rows, n, j0, j1);
     }
   });
 }
@@ -163,10 +164,13 @@ at::Tensor spmm_transposed_cpu(const at::Tensor& values, const at::Tensor& crow,
   const at::Tensor dense_c = row_major(dense);
   at::Tensor out = at::zeros({cols, dense.size(1)}, dense.options());
   if (cols == 0 || dense.size(1) == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "spmm_transposed_cpu", [&] {
-    spmm_transposed_impl<scalar_t>(values_c.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(),
-                                   col_c.data_ptr<int32_t>(), dense_c.data_ptr<scalar_t>(),
-                                   out.data_ptr<scalar_t>(), crow.numel() - 1, cols, dense.size(1));
+  dispatch_col_index(col_c, [&](auto index) {
+    using I = decltype(index);
+    AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "spmm_transposed_cpu", [&] {
+      spmm_transposed_impl<scalar_t>(values_c.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(),
+                                     col_c.data_ptr<I>(), dense_c.data_ptr<scalar_t>(),
+                                     out.data_ptr<scalar_t>(), crow.numel() - 1, cols, dense.size(1));
+    });
   });
   return out;
 }

@@ -21,9 +21,9 @@ namespace {
 constexpr const char* kOp = "sddmm";
 constexpr int kWarps = 4;
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void sddmm_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ bt,
-                             const int64_t* __restrict__ crow, const int32_t* __restrict__ col,
+                             const int64_t* __restrict__ crow, const index_t* __restrict__ col,
                              scalar_t* __restrict__ out, int64_t rows, int64_t K) {
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -63,12 +63,15 @@ at::Tensor sddmm_cuda(const at::Tensor& a, const at::Tensor& bt, const at::Tenso
   if (rows == 0 || col.numel() == 0) return out;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(rows, int64_t{1} << 30));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "sddmm_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    sddmm_kernel<scalar_t, acc_t><<<grid, kWarps * 32, 0, stream>>>(
-        a_c.data_ptr<scalar_t>(), bt_c.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(), col_c.data_ptr<int32_t>(),
-        out.data_ptr<scalar_t>(), rows, a.size(1));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dispatch_col_index(col_c, [&](auto index) {
+    using index_t = decltype(index);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "sddmm_cuda", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      sddmm_kernel<scalar_t, acc_t, index_t><<<grid, kWarps * 32, 0, stream>>>(
+          a_c.data_ptr<scalar_t>(), bt_c.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(), col_c.data_ptr<index_t>(),
+          out.data_ptr<scalar_t>(), rows, a.size(1));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }

@@ -41,9 +41,9 @@ DeviceGeometry to_device(const ConvGeometry& g) {
   return {g.C, g.H, g.W, g.N, g.O, g.OH, g.OW, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw};
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ values, const int64_t* __restrict__ crow,
-                               const int32_t* __restrict__ col, const scalar_t* __restrict__ in,
+                               const index_t* __restrict__ col, const scalar_t* __restrict__ in,
                                scalar_t* __restrict__ out, DeviceGeometry g) {
   __shared__ acc_t s_w[kThreads];
   __shared__ int64_t s_base[kThreads];  // input offset (in positions) of the tap at output (0, 0), before padding
@@ -140,9 +140,9 @@ __global__ void input_grad_kernel(const scalar_t* __restrict__ values_t, const i
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void weight_grad_kernel(const scalar_t* __restrict__ gout, const scalar_t* __restrict__ in,
-                                   const int64_t* __restrict__ rows, const int32_t* __restrict__ col,
+                                   const int64_t* __restrict__ rows, const index_t* __restrict__ col,
                                    scalar_t* __restrict__ out, int64_t nnz, DeviceGeometry g) {
   __shared__ acc_t s_sum[kThreads];
   const int64_t elements = g.OH * g.OW * g.N;
@@ -202,12 +202,15 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& values, const at::Tensor& crow, 
   const at::Tensor in = input_t.contiguous();
   const dim3 grid(blocks_for(g.OH * g.OW * g.N), static_cast<unsigned>(g.O));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        v.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(), col_c.data_ptr<int32_t>(), in.data_ptr<scalar_t>(),
-        out.data_ptr<scalar_t>(), to_device(g));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dispatch_col_index(col_c, [&](auto index) {
+    using index_t = decltype(index);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_cuda", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      forward_kernel<scalar_t, acc_t, index_t><<<grid, kThreads, 0, stream>>>(
+          v.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(), col_c.data_ptr<index_t>(), in.data_ptr<scalar_t>(),
+          out.data_ptr<scalar_t>(), to_device(g));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }
@@ -272,12 +275,15 @@ at::Tensor sparse_conv2d_weight_grad_cuda(const at::Tensor& grad_out_t, const at
   const at::Tensor rows = at::repeat_interleave(at::arange(g.O, crow.options()), counts, /*dim=*/0, /*output_size=*/nnz);
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(nnz, int64_t{1} << 30));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sparse_conv2d_weight_grad_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    weight_grad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        gout.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), col_c.data_ptr<int32_t>(),
-        out.data_ptr<scalar_t>(), nnz, to_device(g));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dispatch_col_index(col_c, [&](auto index) {
+    using index_t = decltype(index);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sparse_conv2d_weight_grad_cuda", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      weight_grad_kernel<scalar_t, acc_t, index_t><<<grid, kThreads, 0, stream>>>(
+          gout.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), col_c.data_ptr<index_t>(),
+          out.data_ptr<scalar_t>(), nnz, to_device(g));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }

@@ -24,9 +24,9 @@ namespace {
 constexpr const char* kOp = "spmm";
 constexpr int kThreads = 128;
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void spmm_kernel(const scalar_t* __restrict__ values, const int64_t* __restrict__ crow,
-                            const int32_t* __restrict__ col, const scalar_t* __restrict__ dense,
+                            const index_t* __restrict__ col, const scalar_t* __restrict__ dense,
                             scalar_t* __restrict__ out, int64_t rows, int64_t n) {
   __shared__ int32_t s_col[kThreads];
   __shared__ acc_t s_val[kThreads];
@@ -85,13 +85,15 @@ at::Tensor launch_spmm(const at::Tensor& values, const at::Tensor& crow, const a
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(rows, int64_t{1} << 30)),
                   static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    spmm_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(values_c.data_ptr<scalar_t>(),
-                                                                crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(),
-                                                                dense_c.data_ptr<scalar_t>(),
-                                                                out.data_ptr<scalar_t>(), rows, n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dispatch_col_index(col, [&](auto index) {
+    using index_t = decltype(index);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_cuda", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      spmm_kernel<scalar_t, acc_t, index_t><<<grid, kThreads, 0, stream>>>(
+          values_c.data_ptr<scalar_t>(), crow.data_ptr<int64_t>(), col.data_ptr<index_t>(),
+          dense_c.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }

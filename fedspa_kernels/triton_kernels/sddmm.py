@@ -57,7 +57,8 @@ def compile_specs() -> list[tuple]:
     """Every (kernel, signature, constexprs) the launcher uses, for compile_check."""
     specs = []
     for dtype, acc in (("*fp16", tl.float32), ("*bf16", tl.float32), ("*fp32", tl.float32), ("*fp64", tl.float64)):
-        signature = {"a_ptr": dtype, "bt_ptr": dtype, "crow_ptr": "*i64", "col_ptr": "*i32", "out_ptr": dtype,
-                     "k_dim": "i64", "ACC": "constexpr", "BLOCK_NZ": "constexpr", "BLOCK_K": "constexpr"}
-        specs.append((_sddmm_kernel, signature, {"ACC": acc, "BLOCK_NZ": _BLOCK_NZ, "BLOCK_K": _BLOCK_K}))
+        for col in ("*i16", "*i32"):
+            signature = {"a_ptr": dtype, "bt_ptr": dtype, "crow_ptr": "*i64", "col_ptr": col, "out_ptr": dtype,
+                         "k_dim": "i64", "ACC": "constexpr", "BLOCK_NZ": "constexpr", "BLOCK_K": "constexpr"}
+            specs.append((_sddmm_kernel, signature, {"ACC": acc, "BLOCK_NZ": _BLOCK_NZ, "BLOCK_K": _BLOCK_K}))
     return specs

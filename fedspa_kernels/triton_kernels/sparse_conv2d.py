@@ -194,15 +194,17 @@ def compile_specs() -> list[tuple]:
     flags = {"ACC": "constexpr"}
     specs = []
     for dtype, acc in (("*fp16", tl.float32), ("*bf16", tl.float32), ("*fp32", tl.float32), ("*fp64", tl.float64)):
-        forward = {"values_ptr": dtype, "crow_ptr": "*i64", "col_ptr": "*i32", "in_ptr": dtype,
-                   "out_ptr": dtype, **geometry, **flags, "BLOCK_NZ": "constexpr", "BLOCK_N": "constexpr"}
+        forward = [{"values_ptr": dtype, "crow_ptr": "*i64", "col_ptr": col, "in_ptr": dtype,
+                    "out_ptr": dtype, **geometry, **flags, "BLOCK_NZ": "constexpr", "BLOCK_N": "constexpr"}
+                   for col in ("*i16", "*i32")]
         input_grad = {"values_ptr": dtype, "tcrow_ptr": "*i64", "tcol_ptr": "*i32",
                       "gout_ptr": dtype, "gin_ptr": dtype, **geometry, **flags, "BLOCK_NZ": "constexpr",
                       "BLOCK_N": "constexpr"}
-        weight_grad = {"gout_ptr": dtype, "in_ptr": dtype, "row_ptr": "*i64", "col_ptr": "*i32",
-                       "out_ptr": dtype, **geometry, **flags, "BLOCK_P": "constexpr", "BLOCK_N": "constexpr"}
+        weight_grad = [{"gout_ptr": dtype, "in_ptr": dtype, "row_ptr": "*i64", "col_ptr": col,
+                        "out_ptr": dtype, **geometry, **flags, "BLOCK_P": "constexpr", "BLOCK_N": "constexpr"}
+                       for col in ("*i16", "*i32")]
         common = {"ACC": acc, "BLOCK_N": _BLOCK_N}
-        specs.append((_forward_kernel, forward, {**common, "BLOCK_NZ": _BLOCK_NZ}))
+        specs += [(_forward_kernel, signature, {**common, "BLOCK_NZ": _BLOCK_NZ}) for signature in forward]
         specs.append((_input_grad_kernel, input_grad, {**common, "BLOCK_NZ": _BLOCK_NZ}))
-        specs.append((_weight_grad_kernel, weight_grad, {**common, "BLOCK_P": _BLOCK_P}))
+        specs += [(_weight_grad_kernel, signature, {**common, "BLOCK_P": _BLOCK_P}) for signature in weight_grad]
     return specs

@@ -77,8 +77,9 @@ def compile_specs() -> list[tuple]:
     """Every (kernel, signature, constexprs) the launcher uses, for compile_check."""
     specs = []
     for dtype, acc in (("*fp16", tl.float32), ("*bf16", tl.float32), ("*fp32", tl.float32), ("*fp64", tl.float64)):
-        signature = {"values_ptr": dtype, "crow_ptr": "*i64", "col_ptr": "*i32", "dense_ptr": dtype,
-                     "out_ptr": dtype, "n": "i64", "ACC": "constexpr", "BLOCK_NZ": "constexpr",
-                     "BLOCK_N": "constexpr"}
-        specs.append((_spmm_kernel, signature, {"ACC": acc, "BLOCK_NZ": _BLOCK_NZ, "BLOCK_N": _BLOCK_N}))
+        for col in ("*i16", "*i32"):  # a pattern's int16 or int32 columns; the transposed order's int32 rows
+            signature = {"values_ptr": dtype, "crow_ptr": "*i64", "col_ptr": col, "dense_ptr": dtype,
+                         "out_ptr": dtype, "n": "i64", "ACC": "constexpr", "BLOCK_NZ": "constexpr",
+                         "BLOCK_N": "constexpr"}
+            specs.append((_spmm_kernel, signature, {"ACC": acc, "BLOCK_NZ": _BLOCK_NZ, "BLOCK_N": _BLOCK_N}))
     return specs

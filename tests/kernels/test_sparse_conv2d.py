@@ -80,24 +80,33 @@ def test_forward_and_gradients_match_dense_conv(backend, device, geometry, densi
 
 @pytest.mark.parametrize("backend,device", PARAMS)
 def test_kernel_ops_direct(backend, device):
-    """The raw kernel ops (feature-major layout; every op on the CSR order) against their references."""
+    """The raw kernel ops (feature-major layout; every op on the CSR order) against their references, with the
+    pattern's columns in int16 (what SparseMatrix stores) and int32: right with both, and bit-identical."""
     kernel, stride, padding, dilation = [3, 3], [2, 1], [1, 1], [1, 2]
     S = _sparse_weight(6, 3, kernel, 0.4, torch.float32, device)
+    assert S.col_indices.dtype == torch.int16
     x_t = torch.randn(3, 9, 10, 4, device=device)
     values = torch.randn(S.nnz, device=device)
     geometry = (kernel, stride, padding, dilation)
     forward, input_grad, weight_grad = OPS["forward"], OPS["input_grad"], OPS["weight_grad"]
-    ref = forward.kernel("reference")(values, S.crow_indices, S.col_indices, x_t, *geometry)
-    got = forward.kernel(backend)(values, S.crow_indices, S.col_indices, x_t, *geometry)
-    _close(got, ref, 2e-5)
-    grad_out_t = torch.randn_like(ref)
-    ref_w = weight_grad.kernel("reference")(grad_out_t, x_t, S.crow_indices, S.col_indices, *geometry)
-    got_w = weight_grad.kernel(backend)(grad_out_t, x_t, S.crow_indices, S.col_indices, *geometry)
-    _close(got_w, ref_w, 2e-5)
-    ref_i = input_grad.kernel("reference")(values, S.crow_indices, S.col_indices, grad_out_t, [3, 9, 10], *geometry)
-    poison_allocator(ref_i.numel(), torch.float32, device)
-    got_i = input_grad.kernel(backend)(values, S.crow_indices, S.col_indices, grad_out_t, [3, 9, 10], *geometry)
-    _close(got_i, ref_i, 2e-5)
+    results = []
+    for col in (S.col_indices, S.col_indices.to(torch.int32)):
+        ref = forward.kernel("reference")(values, S.crow_indices, col, x_t, *geometry)
+        poison_allocator(ref.numel(), torch.float32, device)
+        got = forward.kernel(backend)(values, S.crow_indices, col, x_t, *geometry)
+        _close(got, ref, 2e-5)
+        grad_out_t = torch.randn_like(ref) if not results else results[0][3]
+        ref_w = weight_grad.kernel("reference")(grad_out_t, x_t, S.crow_indices, col, *geometry)
+        poison_allocator(ref_w.numel(), torch.float32, device)
+        got_w = weight_grad.kernel(backend)(grad_out_t, x_t, S.crow_indices, col, *geometry)
+        _close(got_w, ref_w, 2e-5)
+        ref_i = input_grad.kernel("reference")(values, S.crow_indices, col, grad_out_t, [3, 9, 10], *geometry)
+        poison_allocator(ref_i.numel(), torch.float32, device)
+        got_i = input_grad.kernel(backend)(values, S.crow_indices, col, grad_out_t, [3, 9, 10], *geometry)
+        _close(got_i, ref_i, 2e-5)
+        results.append((got, got_w, got_i, grad_out_t))
+    for got16, got32 in zip(*results):
+        assert torch.equal(got16, got32)
 
 
 def test_the_references_equal_torchs_dense_convolution():
@@ -184,19 +193,20 @@ def test_opcheck(backend, device):
 # ------------------------------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("col_dtype", [torch.int16, torch.int32])
 @pytest.mark.parametrize("backend,device", PARAMS)
-def test_bad_input_in_direct_op_calls(backend, device):
+def test_bad_input_in_direct_op_calls(backend, device, col_dtype):
     """The raw ops check structures and geometry before any kernel reads memory through them."""
     forward, input_grad, weight_grad = (OPS[name].kernel(backend) for name in ("forward", "input_grad", "weight_grad"))
     geometry = ([3, 3], [1, 1], [1, 1], [1, 1])
     crow = torch.tensor([0, 2, 3], device=device)
-    col = torch.tensor([0, 30, 1], dtype=torch.int32, device=device)  # 2 channels x 9 taps = 18 columns
+    col = torch.tensor([0, 30, 1], dtype=col_dtype, device=device)  # 2 channels x 9 taps = 18 columns
     values, x_t = torch.ones(3, device=device), torch.randn(2, 5, 5, 2, device=device)
     with pytest.raises(ValueError, match=r"col_indices\[1\] = 30 is outside \[0, 18\)"):
         forward(values, crow, col, x_t, *geometry)
     with pytest.raises(ValueError, match=r"col_indices\[1\] = 30 is outside \[0, 18\)"):
         weight_grad(torch.randn(2, 5, 5, 2, device=device), x_t, crow, col, *geometry)
-    col = torch.tensor([0, 17, 1], dtype=torch.int32, device=device)
+    col = torch.tensor([0, 17, 1], dtype=col_dtype, device=device)
     with pytest.raises(ValueError, match=r"stride.*\[0, 1\]"):
         forward(values, crow, col, x_t, [3, 3], [0, 1], [1, 1], [1, 1])
     with pytest.raises(ValueError, match=r"kernel_size.*\[3\]"):

@@ -25,7 +25,7 @@ def test_from_dense_round_trip_and_transpose_pattern(shape, density):
     assert S.shape == shape and S.nnz == int(mask.sum())
     assert torch.equal(S.to_dense(), dense * mask)
     assert torch.equal(S.mask(), mask)
-    assert S.crow_indices.dtype == torch.int64 and S.col_indices.dtype == torch.int32
+    assert S.crow_indices.dtype == torch.int64 and S.col_indices.dtype == torch.int16  # 2 bytes: the columns fit
     # CSR: row-major order of the mask's True entries
     rows, cols = mask.nonzero(as_tuple=True)
     assert torch.equal(S.row_indices(), rows) and torch.equal(S.col_indices.long(), cols)
@@ -69,7 +69,7 @@ def test_with_values_to_and_memory():
     assert D.dtype == torch.float64 and torch.equal(D.to_dense(), (dense * mask).double())
     memory = S.memory_bytes()
     assert memory["values"] == 4 * S.nnz
-    assert memory == {"values": 4 * S.nnz, "csr_indices": 8 * 21 + 4 * S.nnz}  # nothing else is kept
+    assert memory == {"values": 4 * S.nnz, "csr_indices": 8 * 21 + 2 * S.nnz}  # int16 columns; nothing else kept
 
 
 def test_construction_errors():
@@ -133,12 +133,20 @@ def test_from_csr_never_truncates_indices():
     values = torch.ones(2)
     with pytest.raises(ValueError, match=r"col_indices\[1\] = 4294967298 is outside \[0, 4\)"):
         fk.SparseMatrix.from_csr(torch.tensor([0, 2]), torch.tensor([0, 2**32 + 2]), values, (1, 4))
-    with pytest.raises(TypeError, match="col_indices must be a 1-D int32 or int64 tensor"):
+    with pytest.raises(TypeError, match="col_indices must be a 1-D int16, int32 or int64 tensor"):
         fk.SparseMatrix.from_csr(torch.tensor([0, 2]), torch.tensor([0.0, 2.7]), values, (1, 4))
-    with pytest.raises(TypeError, match="crow_indices must be a 1-D int32 or int64 tensor"):
+    with pytest.raises(TypeError, match="crow_indices must be a 1-D int16, int32 or int64 tensor"):
         fk.SparseMatrix.from_csr(torch.tensor([0.0, 2.0]), torch.tensor([0, 2]), values, (1, 4))
     S = fk.SparseMatrix.from_csr(torch.tensor([0, 2], dtype=torch.int32), torch.tensor([0, 3]), values, (1, 4))
-    assert S.col_indices.tolist() == [0, 3]
+    assert S.col_indices.tolist() == [0, 3] and S.col_indices.dtype == torch.int16
+    # an int64 column that fits int32 but not int16 keeps int32 columns on a wide matrix, and is refused on a
+    # narrow one (never wrapped to a negative int16)
+    wide = fk.SparseMatrix.from_csr(torch.tensor([0, 2]), torch.tensor([0, 40_000]), values, (1, 40_001))
+    assert wide.col_indices.dtype == torch.int32 and wide.col_indices.tolist() == [0, 40_000]
+    with pytest.raises(ValueError, match=r"col_indices\[1\] = 40000 is outside \[0, 100\)"):
+        fk.SparseMatrix.from_csr(torch.tensor([0, 2]), torch.tensor([0, 40_000]), values, (1, 100))
+    with pytest.raises(TypeError, match="col_indices must be a 1-D int16 or int32 tensor"):
+        fk.SparseMatrix(torch.tensor([0, 2]), torch.tensor([0, 3]), values, (1, 4))  # int64 columns: convert first
 
 
 def test_a_sparse_matrix_can_be_built_and_used_in_inference_mode():

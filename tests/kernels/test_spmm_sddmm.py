@@ -12,6 +12,7 @@ PARAMS = backend_device_params("spmm")
 DENSITIES = [0.0, 0.01, 0.1, 0.5, 1.0]
 # (rows, cols): odd sizes; 2100 and 1100 columns cross the CPU kernels' L2 panels (2048 fp32 / 1024 fp64 rows)
 SHAPES = [(37, 53), (1, 1), (64, 130), (30, 2100)]
+COL_DTYPES = [torch.int16, torch.int32]
 
 
 def _supports(backend: str, device: str, dtype: torch.dtype) -> bool:
@@ -92,6 +93,61 @@ def test_sddmm_matches_dense(backend, device, shape, density, k):
     _close(got, (a.double() @ b.double())[S.mask()], torch.float32)
     mask = S.mask()
     _close(fk.masked_matmul(a, b, mask, backend=backend), (a.double() @ b.double())[mask], torch.float32)
+
+
+def _with_col_dtype(S: fk.SparseMatrix, col_dtype: torch.dtype) -> fk.SparseMatrix:
+    return fk.SparseMatrix(S.crow_indices, S.col_indices.to(col_dtype), S.values, S.shape)
+
+
+@pytest.mark.parametrize("shape,density", [((37, 53), 0.3), ((30, 2100), 0.05), ((20, 130), 1.0)], ids=str)
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_int16_and_int32_columns_give_the_same_results(backend, device, shape, density):
+    """A pattern's columns are int16 when they fit (what SparseMatrix stores) or int32: every product and its
+    gradients are right with either, and bit-identical between them (the same arithmetic in the same order)."""
+    n = 5
+    S16 = _matrix(*shape, density, torch.float32, device)
+    assert S16.col_indices.dtype == torch.int16
+    S32 = _with_col_dtype(S16, torch.int32)
+    dense_w = S16.to_dense().double()
+    d, e = torch.randn(shape[1], n, device=device), torch.randn(shape[0], n, device=device)
+    a, b = torch.randn(shape[0], n, device=device), torch.randn(n, shape[1], device=device)
+    x = torch.randn(4, shape[1], device=device, requires_grad=True)
+    results = {}
+    for S in (S16, S32):
+        poison_allocator(shape[0] * n, torch.float32, device)
+        forward = fk.spmm(S, d, backend=backend)
+        _close(forward, dense_w @ d.double(), torch.float32)
+        poison_allocator(shape[1] * n, torch.float32, device)
+        transposed = fk.spmm(S, e, transpose=True, backend=backend)
+        _close(transposed, dense_w.t() @ e.double(), torch.float32)
+        poison_allocator(S.nnz, torch.float32, device)
+        sampled = fk.sddmm(a, b, S, backend=backend)
+        _close(sampled, (a.double() @ b.double())[S.mask()], torch.float32)
+        values = S.values.detach().clone().requires_grad_()
+        out = fk.sparse_linear(x, S.with_values(values), backend=backend)
+        grad_values, grad_x = torch.autograd.grad(out.square().sum(), (values, x))
+        reference = x.detach().double() @ dense_w.t()
+        _close(out, reference, torch.float32)
+        results[S.col_indices.dtype] = (forward, transposed, sampled, out, grad_values, grad_x)
+    for got16, got32 in zip(results[torch.int16], results[torch.int32]):
+        assert torch.equal(got16, got32)
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_a_matrix_wider_than_int16_keeps_int32_columns(backend, device):
+    """Beyond 32768 columns the columns stay int32 (an int16 column would wrap): products reach the last column."""
+    cols = 40_000
+    assert fk.SparseMatrix.col_dtype_for(2**15) == torch.int16 and fk.SparseMatrix.col_dtype_for(2**15 + 1) == torch.int32
+    mask = torch.rand(3, cols) < 0.002
+    mask[0, cols - 1] = mask[2, 2**15] = True  # columns an int16 cannot hold
+    S = fk.SparseMatrix.from_dense(torch.randn(3, cols).to(device), mask.to(device))
+    assert S.col_indices.dtype == torch.int32 and int(S.col_indices.max()) == cols - 1
+    d, e = torch.randn(cols, 3, device=device), torch.randn(3, 3, device=device)
+    _close(fk.spmm(S, d, backend=backend), S.to_dense().double() @ d.double(), torch.float32)
+    _close(fk.spmm(S, e, transpose=True, backend=backend), S.to_dense().double().t() @ e.double(), torch.float32)
+    with pytest.raises(ValueError, match=r"col_indices\[\d+\] = -\d+ is outside \[0, 40000\)"):
+        fk.spmm(fk.SparseMatrix(S.crow_indices, S.col_indices.to(torch.int16), S.values, S.shape, validate=False),
+                d, backend=backend)  # the int16 cast wrapped the columns above 32767 to negative values
 
 
 @pytest.mark.parametrize("backend,device", PARAMS)
@@ -221,8 +277,9 @@ def test_opcheck(backend, device):
 # ------------------------------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("col_dtype", COL_DTYPES)
 @pytest.mark.parametrize("backend,device", PARAMS)
-def test_bad_structures_in_direct_op_calls(backend, device):
+def test_bad_structures_in_direct_op_calls(backend, device, col_dtype):
     """The raw ops check the pattern themselves before any kernel reads memory through it."""
     if backend == "reference":
         spmm, sddmm = fk.spmm_reference, fk.sddmm_reference
@@ -233,7 +290,7 @@ def test_bad_structures_in_direct_op_calls(backend, device):
         sddmm = getattr(torch.ops.fedspa, "sddmm" + suffix)
         spmm_t = getattr(torch.ops.fedspa, "spmm_transposed" + suffix)
     crow = torch.tensor([0, 2, 3], device=device)
-    col = torch.tensor([0, 9, 1], dtype=torch.int32, device=device)
+    col = torch.tensor([0, 9, 1], dtype=col_dtype, device=device)
     values, d = torch.ones(3, device=device), torch.randn(4, 2, device=device)
     with pytest.raises(ValueError, match=r"col_indices\[1\] = 9 is outside \[0, 4\)"):
         spmm(values, crow, col, d)
@@ -242,12 +299,12 @@ def test_bad_structures_in_direct_op_calls(backend, device):
     with pytest.raises(ValueError, match=r"spmm_transposed: col_indices\[1\] = 9 is outside \[0, 4\)"):
         spmm_t(values, crow, col, torch.randn(2, 2, device=device), 4)  # a write through col would land outside
     with pytest.raises(ValueError, match=r"spmm_transposed: the pattern has 2 rows but dense has shape"):
-        spmm_t(values, crow, torch.tensor([0, 3, 1], dtype=torch.int32, device=device), d, 4)
+        spmm_t(values, crow, torch.tensor([0, 3, 1], dtype=col_dtype, device=device), d, 4)
     with pytest.raises(ValueError, match=r"spmm_transposed: cols must be"):
-        spmm_t(values, crow, torch.tensor([0, 3, 1], dtype=torch.int32, device=device), d[:2], -1)
+        spmm_t(values, crow, torch.tensor([0, 3, 1], dtype=col_dtype, device=device), d[:2], -1)
     with pytest.raises(ValueError, match=r"col_indices\[0\] = -1 is outside \[0, 4\)"):
-        spmm(values, crow, torch.tensor([-1, 3, 1], dtype=torch.int32, device=device), d)
-    col = torch.tensor([0, 3, 1], dtype=torch.int32, device=device)
+        spmm(values, crow, torch.tensor([-1, 3, 1], dtype=col_dtype, device=device), d)
+    col = torch.tensor([0, 3, 1], dtype=col_dtype, device=device)
     with pytest.raises(ValueError, match="crow_indices decreases at row 1: 2 -> 1"):
         spmm(values, torch.tensor([0, 2, 1, 3], device=device), col, d)
     with pytest.raises(ValueError, match="must start at 0 and end at nnz=3"):
@@ -255,13 +312,13 @@ def test_bad_structures_in_direct_op_calls(backend, device):
     with pytest.raises(ValueError, match="must start at 0 and end at nnz=3"):
         spmm(values, torch.tensor([1, 2, 3], device=device), col, d)
     with pytest.raises(ValueError, match="column indices of row 0 are not strictly increasing at nonzero 1: 3 then 3"):
-        spmm(values, crow, torch.tensor([3, 3, 1], dtype=torch.int32, device=device), d)
+        spmm(values, crow, torch.tensor([3, 3, 1], dtype=col_dtype, device=device), d)
     with pytest.raises(ValueError, match="column indices of row 0 are not strictly increasing at nonzero 1: 3 then 0"):
         sddmm(torch.randn(2, 3, device=device), torch.randn(4, 3, device=device), crow,
-              torch.tensor([3, 0, 1], dtype=torch.int32, device=device))
+              torch.tensor([3, 0, 1], dtype=col_dtype, device=device))
     with pytest.raises(ValueError, match="2 values for 3 nonzeros"):
         spmm(values[:2], crow, col, d)
-    with pytest.raises(TypeError, match="col_indices must be a 1-D int32 tensor"):
+    with pytest.raises(TypeError, match="col_indices must be a 1-D int16 or int32 tensor"):
         spmm(values, crow, col.long(), d)
     with pytest.raises(TypeError, match="crow_indices must be a non-empty 1-D int64 tensor"):
         spmm(values, crow.int(), col, d)
@@ -319,14 +376,15 @@ def test_nan_and_inf_reach_exactly_the_outputs_that_read_them(backend, device):
     assert torch.isnan(got[rows == 4]).all() and torch.isfinite(got[rows != 4]).all()
 
 
+@pytest.mark.parametrize("col_dtype", COL_DTYPES)
 @pytest.mark.parametrize("backend,device", PARAMS)
-def test_an_unsorted_pair_is_found_at_every_position_of_a_long_row(backend, device):
-    """The native checks scan rows eight columns at a time: a duplicate or a decrease at any lane or in the
-    tail is found."""
+def test_an_unsorted_pair_is_found_at_every_position_of_a_long_row(backend, device, col_dtype):
+    """The native checks scan rows eight int32 (sixteen int16) columns at a time: a duplicate or a decrease at any
+    lane or in the tail is found."""
     if backend == "triton" and device == "cpu":
         pytest.skip("one position suffices for the interpreter (the scan is the Python check there)")
     crow = torch.tensor([0, 3, 3 + 37], device=device)
-    good = torch.cat([torch.tensor([1, 4, 9]), torch.arange(0, 74, 2)]).to(device=device, dtype=torch.int32)
+    good = torch.cat([torch.tensor([1, 4, 9]), torch.arange(0, 74, 2)]).to(device=device, dtype=col_dtype)
     d = torch.randn(80, 2, device=device)
     kernel = fk.ops.spmm.SPMM.kernel(backend)
     kernel(torch.ones(40, device=device), crow, good, d)

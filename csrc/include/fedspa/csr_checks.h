@@ -2,7 +2,7 @@
 // that no Python-side state is trusted for memory safety. The messages are those of the Python checks
 // (fedspa_kernels/_checks.py).
 //
-// A pattern (crow int64 of rows + 1, col int32 of nnz) is valid for a matrix with num_cols columns when
+// A pattern (crow int64 of rows + 1, col int16 or int32 of nnz) is valid for a matrix with num_cols columns when
 //   crow[0] == 0, crow never decreases, crow[rows] == nnz, and within each row the columns strictly increase and
 //   lie in [0, num_cols)  (strictly increasing: only a row's first and last column need the range check).
 //
@@ -35,14 +35,23 @@
 
 namespace fedspa {
 
+// Column indices are int16 (2 bytes per nonzero; what SparseMatrix stores for matrices of up to 32768 columns) or
+// int32. Calls f with a value of the index type: `dispatch_col_index(col, [&](auto i) { using I = decltype(i); ... })`.
+template <typename F>
+decltype(auto) dispatch_col_index(const at::Tensor& col, F&& f) {
+  if (col.scalar_type() == at::kShort) return f(int16_t{0});
+  return f(int32_t{0});
+}
+
 // dtypes, dims and devices of a CSR structure (cheap, no data read).
 inline void check_csr_metadata(const char* op, const at::Tensor& crow, const at::Tensor& col,
                                const at::Device& device) {
   TORCH_CHECK_TYPE(crow.scalar_type() == at::kLong && crow.dim() == 1 && crow.numel() >= 1, op,
                    ": crow_indices must be a non-empty 1-D int64 tensor, got ", crow.scalar_type(), " of shape ",
                    crow.sizes());
-  TORCH_CHECK_TYPE(col.scalar_type() == at::kInt && col.dim() == 1, op,
-                   ": col_indices must be a 1-D int32 tensor, got ", col.scalar_type(), " of shape ", col.sizes());
+  TORCH_CHECK_TYPE((col.scalar_type() == at::kShort || col.scalar_type() == at::kInt) && col.dim() == 1, op,
+                   ": col_indices must be a 1-D int16 or int32 tensor, got ", col.scalar_type(), " of shape ",
+                   col.sizes());
   TORCH_CHECK_VALUE(crow.device() == device, op, ": crow_indices is on ", crow.device(), " but the operands are on ",
                     device);
   TORCH_CHECK_VALUE(col.device() == device, op, ": col_indices is on ", col.device(), " but the operands are on ",
@@ -67,8 +76,9 @@ inline void check_csr_exact(const char* op, const at::Tensor& crow, const at::Te
     }
   }
   if (nnz == 0) return;
-  // col is int32: a bound beyond its range cannot be exceeded (and must not wrap in the comparison)
-  const at::Tensor above = num_cols > INT32_MAX ? at::zeros_like(col, col.options().dtype(at::kBool)) : col >= num_cols;
+  // a bound beyond col's range cannot be exceeded (and must not wrap in the comparison)
+  const int64_t col_max = col.scalar_type() == at::kShort ? INT16_MAX : INT32_MAX;
+  const at::Tensor above = num_cols > col_max ? at::zeros_like(col, col.options().dtype(at::kBool)) : col >= num_cols;
   const at::Tensor bad = (col < 0).logical_or(above).nonzero();
   if (bad.numel() > 0) {
     const int64_t k = bad[0][0].item<int64_t>();
@@ -100,7 +110,8 @@ inline bool csr_pointers_valid(const int64_t* crow, int64_t rows, int64_t nnz) {
 }
 
 // Nonzero when some col[k] <= col[k - 1] for k in (b, e).
-inline int csr_unsorted_generic(const int32_t* col, int64_t b, int64_t e) {
+template <typename I>
+inline int csr_unsorted_generic(const I* col, int64_t b, int64_t e) {
   int unsorted = 0;  // an OR reduction the compiler vectorizes
   for (int64_t k = b + 1; k < e; ++k) unsorted |= col[k] <= col[k - 1];
   return unsorted;
@@ -118,10 +129,23 @@ __attribute__((target("avx2"))) inline int csr_unsorted_avx2(const int32_t* col,
   }
   return (!_mm256_testz_si256(bad, bad)) | csr_unsorted_generic(col, k - 1, e);
 }
+
+__attribute__((target("avx2"))) inline int csr_unsorted_avx2(const int16_t* col, int64_t b, int64_t e) {
+  const __m256i ones = _mm256_set1_epi16(-1);
+  __m256i bad = _mm256_setzero_si256();
+  int64_t k = b + 1;
+  for (; k + 16 <= e; k += 16) {  // sixteen pairs per step
+    const __m256i cur = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + k));
+    const __m256i prev = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + k - 1));
+    bad = _mm256_or_si256(bad, _mm256_xor_si256(_mm256_cmpgt_epi16(cur, prev), ones));
+  }
+  return (!_mm256_testz_si256(bad, bad)) | csr_unsorted_generic(col, k - 1, e);
+}
 #endif
 
 // Rows [r0, r1) (pointers already checked): columns strictly increasing within each row and in [0, num_cols).
-inline bool csr_rows_valid(const int64_t* crow, const int32_t* col, int64_t r0, int64_t r1, int64_t num_cols) {
+template <typename I>
+inline bool csr_rows_valid(const int64_t* crow, const I* col, int64_t r0, int64_t r1, int64_t num_cols) {
 #if defined(FEDSPA_CSR_CHECK_AVX2)
   const bool avx2 = cpu_has_avx2_fma();
 #endif
@@ -140,7 +164,8 @@ inline bool csr_rows_valid(const int64_t* crow, const int32_t* col, int64_t r0, 
 }
 
 // One parallel pass on the CPU: true when the pattern is valid. crow and col must be contiguous.
-inline bool csr_valid_cpu(const int64_t* crow, int64_t rows, const int32_t* col, int64_t nnz, int64_t num_cols) {
+template <typename I>
+inline bool csr_valid_cpu(const int64_t* crow, int64_t rows, const I* col, int64_t nnz, int64_t num_cols) {
   if (!csr_pointers_valid(crow, rows, nnz)) return false;
   std::atomic<bool> ok{true};
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) * std::max<int64_t>(rows, 1) / std::max<int64_t>(nnz, 1));
@@ -157,7 +182,8 @@ class FusedCsrCheck {
  public:
   FusedCsrCheck(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t num_cols)
       : op_(op), crow_(crow), col_(col), num_cols_(num_cols), crow_ptr_(crow.data_ptr<int64_t>()),
-        col_ptr_(col.data_ptr<int32_t>()) {
+        col16_(col.scalar_type() == at::kShort ? col.data_ptr<int16_t>() : nullptr),
+        col32_(col.scalar_type() == at::kShort ? nullptr : col.data_ptr<int32_t>()) {
     if (!csr_pointers_valid(crow_ptr_, crow.numel() - 1, col.numel())) raise();
   }
 
@@ -166,7 +192,10 @@ class FusedCsrCheck {
 #ifdef FEDSPA_BENCHMARK_UNCHECKED
     return true;
 #endif
-    if (csr_rows_valid(crow_ptr_, col_ptr_, r0, r1, num_cols_)) return true;
+    if (col16_ ? csr_rows_valid(crow_ptr_, col16_, r0, r1, num_cols_)
+               : csr_rows_valid(crow_ptr_, col32_, r0, r1, num_cols_)) {
+      return true;
+    }
     failed_.store(true, std::memory_order_relaxed);
     return false;
   }
@@ -186,14 +215,17 @@ class FusedCsrCheck {
   const at::Tensor& col_;
   int64_t num_cols_;
   const int64_t* crow_ptr_;
-  const int32_t* col_ptr_;
+  const int16_t* col16_;  // the one of the two that col is; the other null
+  const int32_t* col32_;
   mutable std::atomic<bool> failed_{false};
 };
 
 // Raises ValueError unless (crow, col) is a valid pattern with num_cols columns; crow and col contiguous.
 inline void check_csr(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t num_cols) {
-  if (crow.device().is_cpu() &&
-      csr_valid_cpu(crow.data_ptr<int64_t>(), crow.numel() - 1, col.data_ptr<int32_t>(), col.numel(), num_cols)) {
+  if (crow.device().is_cpu() && dispatch_col_index(col, [&](auto index) {
+        using I = decltype(index);
+        return csr_valid_cpu(crow.data_ptr<int64_t>(), crow.numel() - 1, col.data_ptr<I>(), col.numel(), num_cols);
+      })) {
     return;
   }
   check_csr_exact(op, crow, col, num_cols);

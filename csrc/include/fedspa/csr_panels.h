@@ -20,7 +20,8 @@ struct RowRanges {
 // bounds[r * (panels + 1) + p]: the first nonzero of row r with column >= p * panel (the last entry: the row's end),
 // by binary search within each row, in parallel over rows. crow must be checked (its ranges lie within col); the
 // columns need not be: a search reads only within a row's range.
-inline std::vector<int64_t> panel_bounds(const int64_t* crow, const int32_t* col, int64_t rows, int64_t panel,
+template <typename I>
+inline std::vector<int64_t> panel_bounds(const int64_t* crow, const I* col, int64_t rows, int64_t panel,
                                          int64_t panels) {
   std::vector<int64_t> bounds(rows * (panels + 1));
   at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {

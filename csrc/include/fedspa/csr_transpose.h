@@ -24,8 +24,8 @@ struct CscOf {
   std::unique_ptr<T[]> values;      // the values in the same order
 };
 
-template <typename T>
-CscOf<T> csr_transpose_cpu(const T* values, const int64_t* crow, const int32_t* col, int64_t rows, int64_t cols) {
+template <typename T, typename I>
+CscOf<T> csr_transpose_cpu(const T* values, const int64_t* crow, const I* col, int64_t rows, int64_t cols) {
   CscOf<T> t;
   const int64_t nnz = crow[rows];
   t.ccol.assign(cols + 1, 0);
@@ -79,7 +79,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_transpose_aten(const a
                                                                          const at::Tensor& col, int64_t cols) {
   const int64_t nnz = col.numel();
   at::Tensor ccol = at::zeros({cols + 1}, crow.options());
-  if (nnz == 0) return {ccol, at::empty({0}, col.options()), values.new_empty({0})};
+  if (nnz == 0) return {ccol, at::empty({0}, col.options().dtype(at::kInt)), values.new_empty({0})};
   const at::Tensor perm = at::argsort(col, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor rows = at::searchsorted(crow, at::arange(nnz, crow.options()), /*out_int32=*/false,
                                            /*right=*/true) - 1;
