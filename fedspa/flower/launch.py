@@ -52,6 +52,15 @@ def simulate(config: ExperimentConfig, output_dir: str | Path, round_timeout: fl
     return _summary(out)
 
 
+def process_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of the Flower processes: this one, quiet, with `flwr_home` as FLWR_HOME and this
+    interpreter's bin directory first on PATH (the SuperLink starts flower-superexec by name, which must resolve to
+    this environment's even when it was not activated)."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join([bin_dir, *(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != bin_dir)])
+    return {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home), "PATH": path}
+
+
 def _free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
     try:
@@ -116,7 +125,7 @@ def deploy(config_path: str | None, overrides: list[str], output_dir: str | Path
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link_port}"\n'
         "insecure = true\n")
-    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(home)}
+    env = process_env(home)
     bin_dir = Path(sys.executable).parent
 
     def start(name: str, args: list[str], processes: list[subprocess.Popen]) -> subprocess.Popen:

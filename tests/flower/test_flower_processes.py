@@ -75,3 +75,14 @@ def test_simulation_engine_equals_the_single_process_run(tmp_path, capsys):
     assert [{k: h[k] for k in COMPARED} for h in flower] == [{k: h[k] for k in COMPARED} for h in reference.history]
     summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
     assert summary["bytes_up"] == reference.summary["bytes_up"] and not summary["dropped"]
+
+
+def test_the_processes_find_flowers_own_executables_without_an_activated_environment(tmp_path, monkeypatch):
+    """flower-superlink starts flower-superexec by name: with the interpreter's bin directory missing from PATH
+    (a venv's python or fedspa called by full path, not activated) the SuperLink exits at startup unless the launcher
+    puts that directory first on the processes' PATH."""
+    bin_dir = str(launch.Path(launch.sys.executable).parent)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    env = launch.process_env(tmp_path)
+    assert env["PATH"].split(launch.os.pathsep)[0] == bin_dir
+    assert env["FLWR_HOME"] == str(tmp_path) and env["FLWR_TELEMETRY_ENABLED"] == "0"
