@@ -324,3 +324,37 @@ def test_a_strided_1x1_conv_in_the_kernels_layout_matches_dense(backend, device)
     _dense_conv(x64, S, (1, 1), None, (2, 3), 0, 1).backward(grad.permute(3, 0, 1, 2).double())
     _close(x.grad, x64.grad, 2e-5)
     assert torch.all(x.grad[:, :, 1::2] == 0) and torch.all(x.grad[:, :, :, 1::3] == 0)  # pixels never read
+
+
+# (in_c, out_c, (H, W), kernel, stride, padding, dilation): the weight gradient's cases. The C++ kernel sums the
+# taps of one (output, input channel) pair together, up to 8 at a time, over the positions where all of them land
+# inside the input, then each tap over the rest of its own positions.
+WEIGHT_GRAD_GEOMETRIES = [
+    (3, 4, (7, 9), (3, 3), (1, 1), (1, 1), (1, 1)),  # 9 taps a channel at density 1: a group of 8 and one of 1
+    (2, 3, (9, 8), (5, 5), (1, 1), (2, 2), (1, 1)),  # 25 taps: groups 8 + 8 + 8 + 1, wide padding borders
+    (2, 3, (3, 3), (3, 3), (1, 1), (2, 2), (2, 2)),  # taps whose positions do not overlap: no common inner region
+    (2, 3, (1, 5), (3, 3), (2, 1), (1, 1), (1, 1)),  # taps that never land inside the input (gradient 0)
+    (3, 2, (10, 11), (3, 2), (2, 3), (1, 0), (1, 2)),  # strides, uneven kernel, padding and dilation
+]
+
+
+@pytest.mark.parametrize("density", [0.3, 1.0])
+@pytest.mark.parametrize("batch", [8, 37, 64])  # whole vectors; 4-vector steps with a 5-wide tail; 4-vector steps
+@pytest.mark.parametrize("geometry", WEIGHT_GRAD_GEOMETRIES, ids=lambda g: "x".join(map(str, g[2] + g[3] + g[5] + g[6])))
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_weight_gradient_across_tap_groups_borders_and_batch_tails(backend, device, geometry, batch, density):
+    in_c, out_c, hw, kernel, stride, padding, dilation = geometry
+    S = _sparse_weight(out_c, in_c, kernel, density, torch.float32, device)
+    geo = (list(kernel), list(stride), list(padding), list(dilation))
+    x_t = torch.randn(in_c, *hw, batch, device=device)
+    out_t = OPS["forward"].kernel("reference")(S.values, S.crow_indices, S.col_indices, x_t, *geo)
+    _skip_slow_triton(backend, device, out_t.numel() * max(1, S.nnz) // 4)
+    grad_out_t = torch.randn_like(out_t)
+    expected = OPS["weight_grad"].kernel("reference")(grad_out_t.double(), x_t.double(), S.crow_indices,
+                                                      S.col_indices, *geo)
+    poison_allocator(S.nnz, torch.float32, device)
+    got = OPS["weight_grad"].kernel(backend)(grad_out_t, x_t, S.crow_indices, S.col_indices, *geo)
+    _close(got, expected, 2e-5)
+    if geometry[2] == (1, 5):
+        taps = S.col_indices.long() % 9
+        assert torch.all(got[(taps // 3 == 0) | (taps // 3 == 2)] == 0)  # rows ky = 0 and 2 never land
