@@ -2,8 +2,8 @@
 import (it imports only torch), so that no import circle can form. The C++/CUDA kernels make the same checks with
 the same messages (csrc/include/fedspa/*.h).
 
-A CSR pattern (``crow`` int64 of rows + 1, ``col`` int16 or int32 of nnz) is valid for a matrix with ``num_cols`` columns
-when ``crow[0] == 0``, crow never decreases, ``crow[rows] == nnz``, and within each row the columns strictly
+A CSR pattern (``crow`` int64 of rows + 1, ``col`` int16 or int32 of nnz) is valid for a matrix with ``num_cols``
+columns when ``crow[0] == 0``, crow never decreases, ``crow[rows] == nnz``, and within each row the columns strictly
 increase and lie in ``[0, num_cols)``. Every kernel of every backend checks this itself before reading through the
 indices.
 """

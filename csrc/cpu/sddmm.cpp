@@ -24,6 +24,7 @@
 #include <immintrin.h>
 #endif
 
+#include "fedspa/avx2_sum.h"
 #include "fedspa/cpu_features.h"
 #include "fedspa/cpu_layout.h"
 #include "fedspa/csr_checks.h"
@@ -53,13 +54,6 @@ void sddmm_slice_generic(const T* a_row, const T* bt, const I* col, int64_t b, i
 }
 
 #if defined(FEDSPA_X86_DISPATCH)
-__attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 x) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
-  return _mm_cvtss_f32(s);
-}
-
 // A full 64-wide K-slice: a's slice in eight registers, each nonzero's bt slice streamed and reduced.
 template <typename I>
 __attribute__((target("avx2,fma"))) void sddmm_slice64_avx2(const float* a_row, const float* bt, const I* col,

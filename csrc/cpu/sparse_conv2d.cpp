@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #endif
 
+#include "fedspa/avx2_sum.h"
 #include "fedspa/conv_geometry.h"
 #include "fedspa/cpu_features.h"
 #include "fedspa/cpu_layout.h"
@@ -451,13 +452,6 @@ inline TapRange tap_range(const Geometry& g, int64_t ky, int64_t kx) {
   return t;
 }
 
-__attribute__((target("avx2,fma"))) inline float horizontal_sum8(__m256 s) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 0x55));
-  return _mm_cvtss_f32(h);
-}
-
 // G taps (ky[t], kx[t]) of one (output channel o, input channel c) pair over the output positions
 // [y0, y1] x [x0, x1], where every one of them lands inside the input: sums[t] += the tap's dot products. Each
 // batch vector of grad_output is loaded once for all G taps, and the G accumulators are independent chains of
@@ -505,7 +499,7 @@ __attribute__((target("avx2,fma"))) void fused_taps_avx2(const float* gout, cons
   for (int t = 0; t < G; ++t) {
     __m256 total = acc[t][0];
     for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[t][u]);
-    sums[t] += horizontal_sum8(total) + tail[t];
+    sums[t] += horizontal_sum(total) + tail[t];
   }
 }
 
@@ -531,7 +525,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline float single_tap_avx2(
       for (; n < g.N; ++n) tail += a[n] * b[n];
     }
   }
-  return horizontal_sum8(_mm256_add_ps(s0, s1)) + tail;
+  return horizontal_sum(_mm256_add_ps(s0, s1)) + tail;
 }
 
 __attribute__((target("avx2,fma"))) void fused_taps_dispatch(int count, const float* gout, const float* in,

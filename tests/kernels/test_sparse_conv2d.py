@@ -340,7 +340,8 @@ WEIGHT_GRAD_GEOMETRIES = [
 
 @pytest.mark.parametrize("density", [0.3, 1.0])
 @pytest.mark.parametrize("batch", [8, 37, 64])  # whole vectors; 4-vector steps with a 5-wide tail; 4-vector steps
-@pytest.mark.parametrize("geometry", WEIGHT_GRAD_GEOMETRIES, ids=lambda g: "x".join(map(str, g[2] + g[3] + g[5] + g[6])))
+@pytest.mark.parametrize("geometry", WEIGHT_GRAD_GEOMETRIES,
+                         ids=lambda g: "x".join(map(str, g[2] + g[3] + g[5] + g[6])))
 @pytest.mark.parametrize("backend,device", PARAMS)
 def test_weight_gradient_across_tap_groups_borders_and_batch_tails(backend, device, geometry, batch, density):
     in_c, out_c, hw, kernel, stride, padding, dilation = geometry

@@ -137,7 +137,10 @@ def test_int16_and_int32_columns_give_the_same_results(backend, device, shape, d
 def test_a_matrix_wider_than_int16_keeps_int32_columns(backend, device):
     """Beyond 32768 columns the columns stay int32 (an int16 column would wrap): products reach the last column."""
     cols = 40_000
-    assert fk.SparseMatrix.col_dtype_for(2**15) == torch.int16 and fk.SparseMatrix.col_dtype_for(2**15 + 1) == torch.int32
+    assert fk.SparseMatrix.col_dtype_for(2**15) == torch.int16
+    assert fk.SparseMatrix.col_dtype_for(2**15 + 1) == torch.int32
+    with pytest.raises(ValueError, match="2147483648 columns do not fit int32 column indices"):
+        fk.SparseMatrix.col_dtype_for(2**31)
     mask = torch.rand(3, cols) < 0.002
     mask[0, cols - 1] = mask[2, 2**15] = True  # columns an int16 cannot hold
     S = fk.SparseMatrix.from_dense(torch.randn(3, cols).to(device), mask.to(device))
