@@ -1,9 +1,9 @@
 """SparseMatrix: a matrix with a fixed sparsity pattern (fixed nnz), as FedSpa's sparse layers hold them.
 
 CSR only: ``crow_indices`` (int64, rows + 1), ``col_indices`` (nnz) and ``values`` (nnz, in row-major order). The
-column indices are int16 when the matrix has at most 32768 columns (every layer of the usual CNNs, ResNets and
-transformers: a conv's columns are in_channels x kernel taps), else int32: 2 (or 4) bytes of index per nonzero plus
-8 per row. Every kernel of every backend reads both. No transposed copy of the pattern is kept: the kernels that
+column indices are int16 when the matrix has at most 32768 columns (a linear layer's input features, a conv's
+in_channels x kernel taps: every layer of fedspa's models), else int32: 2 (or 4) bytes of index per nonzero plus 8
+per row. Every kernel of every backend reads both. No transposed copy of the pattern is kept: the kernels that
 read a matrix column by column (S^T @ D, a convolution's input gradient) work from the CSR order itself (the C++
 transposed SpMM scatters along the rows) or build the transposed order for the call (:meth:`transpose_pattern`
 computes it for anyone who wants it).
