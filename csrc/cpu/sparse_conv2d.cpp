@@ -400,24 +400,34 @@ void input_grad_dispatch(const T* values_t, const int64_t* tcrow, const int32_t*
 // ------------------------------------------------------------------------------------------------------------------
 // Weight gradient: per nonzero, sum over valid positions of dot(grad_out[o, oy, ox, :], input[c, iy, ix, :])
 // ------------------------------------------------------------------------------------------------------------------
-template <typename T>
-T tap_dot(const T* gout, const T* in, const Geometry& g, int64_t o, int64_t c, int64_t ky, int64_t kx) {
-  // valid output rows: 0 <= oy * sh - ph + ky * dh < H
+// The output positions where tap (ky, kx) lands inside the input: oy in [ylo, yhi], ox in [xlo, xhi] (inclusive;
+// empty when hi < lo).
+struct TapRange {
+  int64_t ylo, yhi, xlo, xhi;
+};
+
+inline TapRange tap_range(const Geometry& g, int64_t ky, int64_t kx) {
   const auto range = [](int64_t pad, int64_t k, int64_t d, int64_t s, int64_t size, int64_t out_size, int64_t& lo,
                         int64_t& hi) {
-    const int64_t start = pad - k * d;  // oy * s >= start
+    const int64_t start = pad - k * d;  // valid: 0 <= o * s - pad + k * d < size, i.e. o * s >= start ...
     lo = start <= 0 ? 0 : (start + s - 1) / s;
-    const int64_t end = size - 1 + pad - k * d;  // oy * s <= end
+    const int64_t end = size - 1 + pad - k * d;  // ... and o * s <= end
     hi = end < 0 ? -1 : std::min(out_size - 1, end / s);
   };
-  int64_t ylo, yhi, xlo, xhi;
-  range(g.ph, ky, g.dh, g.sh, g.H, g.OH, ylo, yhi);
-  range(g.pw, kx, g.dw, g.sw, g.W, g.OW, xlo, xhi);
+  TapRange t;
+  range(g.ph, ky, g.dh, g.sh, g.H, g.OH, t.ylo, t.yhi);
+  range(g.pw, kx, g.dw, g.sw, g.W, g.OW, t.xlo, t.xhi);
+  return t;
+}
+
+template <typename T>
+T tap_dot(const T* gout, const T* in, const Geometry& g, int64_t o, int64_t c, int64_t ky, int64_t kx) {
+  const TapRange v = tap_range(g, ky, kx);
   T lanes[8] = {};
   T tail = 0;
-  for (int64_t oy = ylo; oy <= yhi; ++oy) {
+  for (int64_t oy = v.ylo; oy <= v.yhi; ++oy) {
     const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
-    for (int64_t ox = xlo; ox <= xhi; ++ox) {
+    for (int64_t ox = v.xlo; ox <= v.xhi; ++ox) {
       const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
       const T* a = gout + ((o * g.OH + oy) * g.OW + ox) * g.N;
       const T* b = in + ((c * g.H + iy) * g.W + ix) * g.N;
@@ -432,26 +442,6 @@ T tap_dot(const T* gout, const T* in, const Geometry& g, int64_t o, int64_t c, i
 }
 
 #if defined(FEDSPA_X86_DISPATCH)
-// The output positions where tap (ky, kx) lands inside the input: oy in [ylo, yhi], ox in [xlo, xhi] (inclusive;
-// empty when hi < lo).
-struct TapRange {
-  int64_t ylo, yhi, xlo, xhi;
-};
-
-inline TapRange tap_range(const Geometry& g, int64_t ky, int64_t kx) {
-  const auto range = [](int64_t pad, int64_t k, int64_t d, int64_t s, int64_t size, int64_t out_size, int64_t& lo,
-                        int64_t& hi) {
-    const int64_t start = pad - k * d;
-    lo = start <= 0 ? 0 : (start + s - 1) / s;
-    const int64_t end = size - 1 + pad - k * d;
-    hi = end < 0 ? -1 : std::min(out_size - 1, end / s);
-  };
-  TapRange t;
-  range(g.ph, ky, g.dh, g.sh, g.H, g.OH, t.ylo, t.yhi);
-  range(g.pw, kx, g.dw, g.sw, g.W, g.OW, t.xlo, t.xhi);
-  return t;
-}
-
 // G taps (ky[t], kx[t]) of one (output channel o, input channel c) pair over the output positions
 // [y0, y1] x [x0, x1], where every one of them lands inside the input: sums[t] += the tap's dot products. Each
 // batch vector of grad_output is loaded once for all G taps, and the G accumulators are independent chains of
