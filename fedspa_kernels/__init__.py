@@ -14,6 +14,7 @@ from .ops import sddmm as _sddmm_op  # noqa: F401
 from .ops import prune_regrow as _prune_regrow_op  # noqa: F401
 from .ops import sparse_conv2d as _sparse_conv2d_op  # noqa: F401
 from .ops import check_csr as _check_csr_op  # noqa: F401
+from .ops import transpose_copy as _transpose_copy_op  # noqa: F401
 from . import _extension
 
 _extension.load()  # registers the C++/CUDA kernels; a missing extension leaves the references in place
@@ -30,6 +31,7 @@ from .ops.prune_regrow import PruneRegrowResult, prune_regrow, prune_regrow_refe
 from .ops.sddmm import masked_matmul, sddmm, sddmm_reference  # noqa: E402
 from .ops.sparse_conv2d import sparse_conv2d, sparse_conv2d_reference  # noqa: E402
 from .ops.spmm import sparse_linear, spmm, spmm_reference  # noqa: E402
+from .ops.transpose_copy import transpose_copy, transpose_copy_reference  # noqa: E402
 from .ops.scatter_add_aggregate import (  # noqa: E402
     scatter_add_aggregate,
     scatter_add_aggregate_reference,
@@ -61,5 +63,7 @@ __all__ = [
     "spmm",
     "spmm_reference",
     "system_info",
+    "transpose_copy",
+    "transpose_copy_reference",
     "use_backend",
 ]

@@ -33,6 +33,16 @@ def col_dtype_for(num_cols: int) -> torch.dtype:
 # ------------------------------------------------------------------------------------------------------------------
 # CSR patterns
 # ------------------------------------------------------------------------------------------------------------------
+def check_transpose_input(op: str, x) -> None:
+    """A 2-D floating-point tensor (fedspa::transpose_copy's input)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
 def check_csr_metadata(op: str, crow: torch.Tensor, col: torch.Tensor, device: torch.device) -> None:
     """dtypes, dims and devices of a CSR structure (cheap, no data read)."""
     if not isinstance(crow, torch.Tensor) or crow.dtype != torch.int64 or crow.dim() != 1 or crow.numel() < 1:

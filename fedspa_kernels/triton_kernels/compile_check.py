@@ -19,6 +19,7 @@ KERNEL_MODULES = (
     "fedspa_kernels.triton_kernels.sddmm",
     "fedspa_kernels.triton_kernels.prune_regrow",
     "fedspa_kernels.triton_kernels.sparse_conv2d",
+    "fedspa_kernels.triton_kernels.transpose_copy",
 )
 
 

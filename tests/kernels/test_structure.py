@@ -72,7 +72,8 @@ def test_triton_kernels_never_import_the_op_modules():
 
 def test_every_kernel_op_has_its_twins_and_fake():
     for name in ("spmm", "spmm_transposed", "sddmm", "sparse_conv2d", "sparse_conv2d_input_grad",
-                 "sparse_conv2d_weight_grad", "prune_regrow", "scatter_add_aggregate", "scatter_add_average"):
+                 "sparse_conv2d_weight_grad", "prune_regrow", "scatter_add_aggregate", "scatter_add_average",
+                 "transpose_copy"):
         for twin in (name, name + "_reference", name + "_triton"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fedspa::{twin}", "Meta") or \
                 torch._C._dispatch_has_kernel(f"fedspa::{twin}"), twin

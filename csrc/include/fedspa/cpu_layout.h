@@ -38,48 +38,57 @@ __attribute__((target("avx2"))) inline void transpose_8x8(const float* src, int6
   _mm256_storeu_ps(dst + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
 }
 
-// Rows [r0, r1) of dst (rows x cols, row-major) from src, where element (r, c) is src[c * ld + r].
-__attribute__((target("avx2"))) inline void transpose_rows_avx2(const float* src, int64_t ld, float* dst,
-                                                                  int64_t cols, int64_t r0, int64_t r1) {
-  constexpr int64_t kTile = 64;  // 64 x 64 fp32 tiles: 16 KiB in, 16 KiB out, both in L1
-  for (int64_t rb = r0; rb < r1; rb += kTile) {
-    const int64_t re = std::min(r1, rb + kTile);
-    for (int64_t cb = 0; cb < cols; cb += kTile) {
-      const int64_t ce = std::min(cols, cb + kTile);
-      int64_t r = rb;
-      for (; r + 8 <= re; r += 8) {
-        int64_t c = cb;
-        for (; c + 8 <= ce; c += 8) transpose_8x8(src + c * ld + r, ld, dst + r * cols + c, cols);
-        for (; c < ce; ++c) {
-          for (int64_t i = 0; i < 8; ++i) dst[(r + i) * cols + c] = src[c * ld + r + i];
-        }
-      }
-      for (; r < re; ++r) {
-        for (int64_t c = cb; c < ce; ++c) dst[r * cols + c] = src[c * ld + r];
-      }
+// The tile [r0, re) x [c0, ce) of dst (row stride ldd) from src, where element (r, c) is src[c * lds + r].
+__attribute__((target("avx2"))) inline void transpose_tile_avx2(const float* src, int64_t lds, float* dst,
+                                                                  int64_t ldd, int64_t r0, int64_t re, int64_t c0,
+                                                                  int64_t ce) {
+  int64_t r = r0;
+  for (; r + 8 <= re; r += 8) {
+    int64_t c = c0;
+    for (; c + 8 <= ce; c += 8) transpose_8x8(src + c * lds + r, lds, dst + r * ldd + c, ldd);
+    for (; c < ce; ++c) {
+      for (int64_t i = 0; i < 8; ++i) dst[(r + i) * ldd + c] = src[c * lds + r + i];
     }
+  }
+  for (; r < re; ++r) {
+    for (int64_t c = c0; c < ce; ++c) dst[r * ldd + c] = src[c * lds + r];
   }
 }
 #endif
+
+// dst (rows x cols, row-major) = the transpose of src, whose element (r, c) is src[c * lds + r], for fp32 on
+// AVX2: 64 x 64 tiles (16 KiB in, 16 KiB out, both in L1), split between the threads tile by tile, so that a
+// matrix of few rows (the batch) keeps every thread busy too. Returns false (nothing written) without AVX2.
+inline bool transpose_into(const float* src, int64_t lds, float* dst, int64_t rows, int64_t cols) {
+#if defined(FEDSPA_X86_DISPATCH)
+  if (!cpu_has_avx2_fma()) return false;
+  constexpr int64_t kTile = 64;
+  const int64_t row_tiles = (rows + kTile - 1) / kTile;
+  const int64_t col_tiles = (cols + kTile - 1) / kTile;
+  at::parallel_for(0, row_tiles * col_tiles, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = (t / col_tiles) * kTile;
+      const int64_t c0 = (t % col_tiles) * kTile;
+      transpose_tile_avx2(src, lds, dst, cols, r0, std::min(rows, r0 + kTile), c0, std::min(cols, c0 + kTile));
+    }
+  });
+  return true;
+#else
+  (void)src, (void)lds, (void)dst, (void)rows, (void)cols;
+  return false;
+#endif
+}
 
 // A row-major copy of a 2-D tensor. torch's copy of a column-major (transposed) view runs on one thread
 // (1024 x 256 fp32: 0.13 ms); fp32 views are transposed here in parallel 8 x 8 register blocks (0.08 ms).
 inline at::Tensor row_major(const at::Tensor& t) {
   if (t.dim() != 2 || t.is_contiguous()) return t.contiguous();
-#if defined(FEDSPA_X86_DISPATCH)
   const int64_t rows = t.size(0);
   const int64_t cols = t.size(1);
-  if (t.scalar_type() == at::kFloat && t.stride(0) == 1 && t.stride(1) >= rows && cpu_has_avx2_fma()) {
+  if (t.scalar_type() == at::kFloat && t.stride(0) == 1 && t.stride(1) >= rows) {
     at::Tensor out = at::empty({rows, cols}, t.options());
-    const float* src = t.data_ptr<float>();
-    float* dst = out.data_ptr<float>();
-    const int64_t ld = t.stride(1);
-    at::parallel_for(0, (rows + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
-      transpose_rows_avx2(src, ld, dst, cols, b0 * 64, std::min(rows, b1 * 64));
-    });
-    return out;
+    if (transpose_into(t.data_ptr<float>(), t.stride(1), out.data_ptr<float>(), rows, cols)) return out;
   }
-#endif
   return t.contiguous();
 }
 
