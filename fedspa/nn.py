@@ -248,6 +248,33 @@ def batch_innermost(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.permute(1, 2, 3, 0).is_contiguous()
 
 
+class _BatchInnermost(torch.autograd.Function):
+    """(N, C, H, W) -> the same values with (C, H, W, N) memory; the gradient goes back to the input's layout
+    (NCHW or channels-last) rather than staying a (C, H, W, N) view, which elementwise backward ops before the
+    pool (ReLU's threshold_backward against its NCHW output) would read an order of magnitude slower. NCHW moves
+    both ways through fedspa_kernels' tiled transpose (2.4x faster than torch's copy at 128 x 32 x 28 x 28)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.is_contiguous():
+            n = x.shape[0]
+            return fk.transpose_copy(x.reshape(n, -1)).view(*x.shape[1:], n).permute(3, 0, 1, 2)
+        return x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, = inputs
+        ctx.memory_format = torch.contiguous_format if x.is_contiguous() else (
+            torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        if ctx.memory_format == torch.contiguous_format and batch_innermost(grad):
+            n = grad.shape[0]
+            return fk.transpose_copy(grad.permute(1, 2, 3, 0).reshape(-1, n)).view(grad.shape)
+        return grad.contiguous(memory_format=ctx.memory_format)
+
+
 class SparseLayoutMaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` (same results, gradients and indices) that keeps the sparse convolutions' activation layout.
 
@@ -255,16 +282,18 @@ class SparseLayoutMaxPool2d(nn.MaxPool2d):
     copy it back to NCHW (its kernel for that layout is a slow generic loop) and the next sparse layer would copy it
     again. Here the (C, H, W, N) memory is pooled as the channels-last (C, N, H, W) tensor it also is, with torch's
     vectorized channels-last kernel, so the output is again (C, H', W', N) in memory: ReLU keeps that layout,
-    ``flatten`` is a view of it, and the next SparseConv2d or SparseLinear reads it without a copy. An NCHW input
-    (e.g. a dense first convolution's output) is transposed into that layout first, which costs less than the
-    generic kernel saves (measured: benchmarks/README.md). Batch 1 takes the plain path.
+    ``flatten`` is a view of it, and the next SparseConv2d or SparseLinear reads it without a copy. An input in
+    another layout (e.g. a dense first convolution's NCHW output) is transposed into that layout first, which costs
+    less than the generic kernel saves (measured: benchmarks/README.md), and its gradient is transposed back into
+    the input's layout, so that the layers before the pool (a ReLU's backward) never mix two layouts in one op.
+    Batch 1 takes the plain path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[0] < 2:
             return super().forward(x)
         if not batch_innermost(x):
-            x = x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+            x = _BatchInnermost.apply(x)
         out = F.max_pool2d(x.transpose(0, 1), self.kernel_size, self.stride, self.padding, self.dilation,
                            ceil_mode=self.ceil_mode, return_indices=self.return_indices)
         if self.return_indices:

@@ -291,6 +291,27 @@ def test_sparse_layout_max_pool_is_max_pool2d(settings, layout):
         assert batch_innermost(values)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_sparse_layout_max_pool_returns_the_gradient_in_its_inputs_layout(memory_format):
+    """An input in another layout (a dense convolution's NCHW output) is moved into the sparse layers' layout for
+    pooling; its gradient must come back in the input's own layout. Left in (C, H, W, N), it reaches the ReLU
+    before the pool, whose backward then mixes two layouts in one elementwise op (measured 10 ms instead of 0.8 ms
+    at 128 x 32 x 28 x 28, 2 threads)."""
+    from fedspa.nn import SparseLayoutMaxPool2d, batch_innermost
+
+    x = torch.randn(6, 5, 8, 8).contiguous(memory_format=memory_format).requires_grad_()
+    reference = x.detach().clone().requires_grad_()
+    relu_out = torch.relu(x)
+    out = SparseLayoutMaxPool2d(2)(relu_out)
+    assert batch_innermost(out)
+    upstream = torch.randn(out.shape)
+    grad_of_pool_input, = torch.autograd.grad(out, relu_out, upstream, retain_graph=True)
+    assert grad_of_pool_input.is_contiguous(memory_format=memory_format), grad_of_pool_input.stride()
+    out.backward(upstream)
+    nn.MaxPool2d(2)(torch.relu(reference)).backward(upstream)
+    assert torch.equal(x.grad, reference.grad)
+
+
 def test_keep_sparse_layout_replaces_the_pools_of_a_model_that_runs_sparse_convolutions():
     from fedspa.nn import SparseLayoutMaxPool2d, apply_masks
 
