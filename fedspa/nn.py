@@ -251,12 +251,13 @@ def batch_innermost(x: torch.Tensor) -> bool:
 class _BatchInnermost(torch.autograd.Function):
     """(N, C, H, W) -> the same values with (C, H, W, N) memory; the gradient goes back to the input's layout
     (NCHW or channels-last) rather than staying a (C, H, W, N) view, which elementwise backward ops before the
-    pool (ReLU's threshold_backward against its NCHW output) would read an order of magnitude slower. NCHW moves
-    both ways through fedspa_kernels' tiled transpose (2.4x faster than torch's copy at 128 x 32 x 28 x 28)."""
+    pool (ReLU's threshold_backward against its NCHW output) would read an order of magnitude slower. On the CPU,
+    NCHW moves both ways through fedspa_kernels' tiled transpose (2.4x faster than torch's copy at 128 x 32 x 28 x
+    28); elsewhere torch's copy does it."""
 
     @staticmethod
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.is_contiguous():
+        if x.is_contiguous() and x.device.type == "cpu":
             n = x.shape[0]
             return fk.transpose_copy(x.reshape(n, -1)).view(*x.shape[1:], n).permute(3, 0, 1, 2)
         return x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
@@ -269,7 +270,7 @@ class _BatchInnermost(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        if ctx.memory_format == torch.contiguous_format and batch_innermost(grad):
+        if ctx.memory_format == torch.contiguous_format and batch_innermost(grad) and grad.device.type == "cpu":
             n = grad.shape[0]
             return fk.transpose_copy(grad.permute(1, 2, 3, 0).reshape(-1, n)).view(grad.shape)
         return grad.contiguous(memory_format=ctx.memory_format)
