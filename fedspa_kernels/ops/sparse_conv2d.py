@@ -30,6 +30,7 @@ from .._checks import (check_conv_forward_inputs, check_conv_input_grad_inputs, 
                        output_hw, row_of_each_nonzero)
 from .._op import KernelOp, autograd_op
 from ..sparse_matrix import SparseMatrix
+from .transpose_copy import TRANSPOSE_COPY, transpose_copy_autograd
 
 _CHUNK_ELEMENTS = 1 << 22  # the references' temporaries: at most this many products at a time
 _GEOMETRY = "int[] kernel_size, int[] stride, int[] padding, int[] dilation"
@@ -195,8 +196,20 @@ def _setup_context(ctx, inputs, output):
                           crow, col)
 
 
+def _feature_major(t: torch.Tensor, backend: str) -> torch.Tensor:
+    """A (C, H, W, N) tensor made contiguous once for both backward kernels; an NCHW tensor seen through a permute
+    (the gradient an NCHW caller passes) through one tiled transpose on the CPU."""
+    if t.is_contiguous():
+        return t
+    nchw = t.permute(3, 0, 1, 2)
+    if nchw.is_contiguous() and t.device.type == "cpu":
+        return TRANSPOSE_COPY.kernel(backend)(nchw.reshape(nchw.shape[0], -1)).view(t.shape)
+    return t.contiguous()
+
+
 def _backward(ctx, grad):
     values, input_t, crow, col = ctx.saved_tensors
+    grad = _feature_major(grad, ctx.backend)
     grad_values = grad_input = None
     if ctx.needs_input_grad[0]:
         grad_values = SPARSE_CONV2D_WEIGHT_GRAD.kernel(ctx.backend)(grad, input_t, crow, col, *ctx.geometry)
@@ -262,8 +275,14 @@ def sparse_conv2d(input: torch.Tensor, weight: SparseMatrix, kernel_size, bias: 
         raise ValueError(f"sparse_conv2d: bias must be ({weight.shape[0]},) {weight.dtype} on {weight.device}, got "
                          f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
     chosen = resolve_backend(backend, input_t.device, "sparse_conv2d")
+    if not channels_last_batch and input.is_contiguous() and input.device.type == "cpu" and input.numel():
+        # NCHW: one tiled transpose into the kernels' layout, differentiable, so the input's gradient comes back in
+        # NCHW (left a (C, H, W, N) view, the caller's next op would copy it with torch's slow transposing loop)
+        n = input.shape[0]
+        layout_backend = resolve_backend(backend, input.device, "transpose_copy")
+        input_t = transpose_copy_autograd(input.reshape(n, -1), layout_backend).view(*input.shape[1:], n)
     out_t = sparse_conv2d_autograd(weight.values, weight.crow_indices, weight.col_indices, input_t, kernel_size,
                                    stride, padding, dilation, chosen)
     if bias is not None:
-        out_t = out_t + bias.view(-1, 1, 1, 1)
+        out_t = out_t.add_(bias.view(-1, 1, 1, 1))  # in place: a fresh output, not saved by the op
     return out_t if channels_last_batch else out_t.permute(3, 0, 1, 2)
