@@ -30,7 +30,7 @@ from .._checks import (check_conv_forward_inputs, check_conv_input_grad_inputs, 
                        output_hw, row_of_each_nonzero)
 from .._op import KernelOp, autograd_op
 from ..sparse_matrix import SparseMatrix
-from .transpose_copy import TRANSPOSE_COPY, transpose_copy_autograd
+from .transpose_copy import TRANSPOSE_COPY
 
 _CHUNK_ELEMENTS = 1 << 22  # the references' temporaries: at most this many products at a time
 _GEOMETRY = "int[] kernel_size, int[] stride, int[] padding, int[] dilation"
@@ -207,6 +207,27 @@ def _feature_major(t: torch.Tensor, backend: str) -> torch.Tensor:
     return t.contiguous()
 
 
+class _GradientInNCHW(torch.autograd.Function):
+    """Identity on an NCHW tensor whose gradient arrives in (C, H, W, N): the gradient is made NCHW by one tiled
+    transpose."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, backend: str) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.backend = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        feature_major = grad.permute(1, 2, 3, 0)
+        if feature_major.is_contiguous() and not grad.is_contiguous():
+            n = grad.shape[0]
+            return TRANSPOSE_COPY.kernel(ctx.backend)(feature_major.reshape(-1, n)).view(grad.shape), None
+        return grad.contiguous(), None
+
+
 def _backward(ctx, grad):
     values, input_t, crow, col = ctx.saved_tensors
     grad = _feature_major(grad, ctx.backend)
@@ -252,7 +273,8 @@ def sparse_conv2d(input: torch.Tensor, weight: SparseMatrix, kernel_size, bias: 
         channels_last_batch: input and output in the kernels' (C, H, W, N) layout (no transposes).
 
     Returns:
-        (N, O, H', W') (or (O, H', W', N)).
+        (N, O, H', W') (or (O, H', W', N)): the kernels' (C, H, W, N) memory seen as (N, O, H', W'). The gradient of
+        an NCHW input comes back in NCHW.
     """
     if not isinstance(weight, SparseMatrix):
         raise TypeError(f"sparse_conv2d: weight must be a SparseMatrix, got {type(weight).__name__}")
@@ -276,11 +298,11 @@ def sparse_conv2d(input: torch.Tensor, weight: SparseMatrix, kernel_size, bias: 
                          f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
     chosen = resolve_backend(backend, input_t.device, "sparse_conv2d")
     if not channels_last_batch and input.is_contiguous() and input.device.type == "cpu" and input.numel():
-        # NCHW: one tiled transpose into the kernels' layout, differentiable, so the input's gradient comes back in
-        # NCHW (left a (C, H, W, N) view, the caller's next op would copy it with torch's slow transposing loop)
-        n = input.shape[0]
-        layout_backend = resolve_backend(backend, input.device, "transpose_copy")
-        input_t = transpose_copy_autograd(input.reshape(n, -1), layout_backend).view(*input.shape[1:], n)
+        # NCHW: the input's gradient goes back in NCHW (left a (C, H, W, N) view, the caller's next op would copy it
+        # with torch's slow transposing loop); the input itself is still read, and kept for the weight gradient, as a
+        # view (no copy of the activation is kept)
+        input_t = _GradientInNCHW.apply(input, resolve_backend(backend, input.device, "transpose_copy")).permute(
+            1, 2, 3, 0)
     out_t = sparse_conv2d_autograd(weight.values, weight.crow_indices, weight.col_indices, input_t, kernel_size,
                                    stride, padding, dilation, chosen)
     if bias is not None:

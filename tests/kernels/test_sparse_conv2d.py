@@ -165,6 +165,21 @@ def test_an_nchw_input_gets_its_gradient_in_nchw(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", PARAMS)
+def test_an_nchw_input_is_kept_for_backward_without_a_copy(backend, device):
+    """What autograd keeps for the backward pass: the pattern, the values and the caller's own input (a view of
+    it), never a transposed copy of the activation (which would add one activation per layer to training memory)."""
+    S = _sparse_weight(4, 3, (3, 3), 0.4, torch.float32, device)
+    x = torch.randn(5, 3, 7, 9, device=device, requires_grad=True)
+    values = S.values.detach().clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fk.sparse_conv2d(x, S.with_values(values), 3, padding=1, backend=backend)
+    activations = [t for t in saved if t.numel() >= x.numel()]
+    assert activations, "the weight gradient needs the input"
+    assert all(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in activations)
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
 def test_float64_and_half(backend, device):
     S = _sparse_weight(3, 2, (3, 3), 0.5, torch.float64, device)
     x = torch.randn(2, 2, 6, 7, dtype=torch.float64, device=device)
