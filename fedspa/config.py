@@ -120,6 +120,7 @@ class ExperimentConfig:
     eval_every: int = 1
     device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
     threads: int | None = None  # torch threads; None: torch's default
+    keep_freed_memory: bool = True  # glibc keeps freed memory for reuse (fedspa.device.keep_freed_memory)
     output_dir: str = "runs"
     checkpoint_every: int = 1
     measure_memory: bool = True

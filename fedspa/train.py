@@ -46,7 +46,7 @@ from .algorithms import registry
 from .algorithms.base import Client, LossFn, ModelFactory, Server, TrainMetrics, Upload
 from .config import CUSTOM, ExperimentConfig, flatten
 from .data import FederatedData, federated_data, plot_label_distribution
-from .device import resolve_device
+from .device import keep_freed_memory, resolve_device
 from .models import build_model
 from .plots import plot_run, setting
 
@@ -56,7 +56,7 @@ CHECKPOINT_FORMAT = "fedspa-checkpoint"
 CHECKPOINT_VERSION = 2
 # fields that do not change what a run computes: a checkpoint may be resumed with other values
 _NON_SEMANTIC = {"name", "output_dir", "progress", "threads", "checkpoint_every", "measure_memory", "device",
-                 "tensorboard"}
+                 "tensorboard", "keep_freed_memory"}
 
 
 @dataclass
@@ -553,6 +553,8 @@ def run(config: ExperimentConfig, *, model_fn: Callable[[], nn.Module] | None = 
         raise ValueError("resume needs the output folder of the run to continue (output_dir / --output)")
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.keep_freed_memory and not keep_freed_memory():
+        _log.debug("keep_freed_memory: not glibc on Linux, the allocator is left as it is")
     fed = federation(config, model_fn=model_fn, data=data, loss_fn=loss_fn)
     config = fed.config
     out = Path(output_dir) if output_dir is not None else default_output(config, config.name)
