@@ -257,23 +257,18 @@ class _BatchInnermost(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.is_contiguous() and x.device.type == "cpu":
-            n = x.shape[0]
-            return fk.transpose_copy(x.reshape(n, -1)).view(*x.shape[1:], n).permute(3, 0, 1, 2)
-        return x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+        return fk.batch_last(x).permute(3, 0, 1, 2)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, = inputs
-        ctx.memory_format = torch.contiguous_format if x.is_contiguous() else (
-            torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+        ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        if ctx.memory_format == torch.contiguous_format and batch_innermost(grad) and grad.device.type == "cpu":
-            n = grad.shape[0]
-            return fk.transpose_copy(grad.permute(1, 2, 3, 0).reshape(-1, n)).view(grad.shape)
-        return grad.contiguous(memory_format=ctx.memory_format)
+        if ctx.channels_last:
+            return grad.contiguous(memory_format=torch.channels_last)
+        return fk.nchw_contiguous(grad)
 
 
 class SparseLayoutMaxPool2d(nn.MaxPool2d):

@@ -31,7 +31,12 @@ from .ops.prune_regrow import PruneRegrowResult, prune_regrow, prune_regrow_refe
 from .ops.sddmm import masked_matmul, sddmm, sddmm_reference  # noqa: E402
 from .ops.sparse_conv2d import sparse_conv2d, sparse_conv2d_reference  # noqa: E402
 from .ops.spmm import sparse_linear, spmm, spmm_reference  # noqa: E402
-from .ops.transpose_copy import transpose_copy, transpose_copy_reference  # noqa: E402
+from .ops.transpose_copy import (  # noqa: E402
+    batch_last,
+    nchw_contiguous,
+    transpose_copy,
+    transpose_copy_reference,
+)
 from .ops.scatter_add_aggregate import (  # noqa: E402
     scatter_add_aggregate,
     scatter_add_aggregate_reference,
@@ -47,8 +52,10 @@ __all__ = [
     "PruneRegrowResult",
     "SparseMatrix",
     "available_backends",
+    "batch_last",
     "format_system_info",
     "masked_matmul",
+    "nchw_contiguous",
     "prune_regrow",
     "prune_regrow_reference",
     "scatter_add_aggregate",

@@ -30,7 +30,7 @@ from .._checks import (check_conv_forward_inputs, check_conv_input_grad_inputs, 
                        output_hw, row_of_each_nonzero)
 from .._op import KernelOp, autograd_op
 from ..sparse_matrix import SparseMatrix
-from .transpose_copy import TRANSPOSE_COPY
+from .transpose_copy import batch_last, nchw_contiguous
 
 _CHUNK_ELEMENTS = 1 << 22  # the references' temporaries: at most this many products at a time
 _GEOMETRY = "int[] kernel_size, int[] stride, int[] padding, int[] dilation"
@@ -196,17 +196,6 @@ def _setup_context(ctx, inputs, output):
                           crow, col)
 
 
-def _feature_major(t: torch.Tensor, backend: str) -> torch.Tensor:
-    """A (C, H, W, N) tensor made contiguous once for both backward kernels; an NCHW tensor seen through a permute
-    (the gradient an NCHW caller passes) through one tiled transpose on the CPU."""
-    if t.is_contiguous():
-        return t
-    nchw = t.permute(3, 0, 1, 2)
-    if nchw.is_contiguous() and t.device.type == "cpu":
-        return TRANSPOSE_COPY.kernel(backend)(nchw.reshape(nchw.shape[0], -1)).view(t.shape)
-    return t.contiguous()
-
-
 class _GradientInNCHW(torch.autograd.Function):
     """Identity on an NCHW tensor whose gradient arrives in (C, H, W, N): the gradient is made NCHW by one tiled
     transpose."""
@@ -221,16 +210,13 @@ class _GradientInNCHW(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        feature_major = grad.permute(1, 2, 3, 0)
-        if feature_major.is_contiguous() and not grad.is_contiguous():
-            n = grad.shape[0]
-            return TRANSPOSE_COPY.kernel(ctx.backend)(feature_major.reshape(-1, n)).view(grad.shape), None
-        return grad.contiguous(), None
+        return nchw_contiguous(grad, ctx.backend), None
 
 
 def _backward(ctx, grad):
     values, input_t, crow, col = ctx.saved_tensors
-    grad = _feature_major(grad, ctx.backend)
+    if not grad.is_contiguous():  # once for both kernels (an NCHW caller's gradient: one tiled transpose)
+        grad = batch_last(grad.permute(3, 0, 1, 2), ctx.backend)
     grad_values = grad_input = None
     if ctx.needs_input_grad[0]:
         grad_values = SPARSE_CONV2D_WEIGHT_GRAD.kernel(ctx.backend)(grad, input_t, crow, col, *ctx.geometry)

@@ -75,3 +75,28 @@ def transpose_copy(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """
     check_transpose_input("transpose_copy", x)
     return transpose_copy_autograd(x, resolve_backend(backend, x.device, "transpose_copy"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The layout changes between NCHW and the sparse convolutions' (C, H, W, N), on the tiled kernel where it helps
+# ------------------------------------------------------------------------------------------------------------------
+def batch_last(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """An (N, C, H, W) tensor's values as a contiguous (C, H, W, N) tensor (not differentiable: for autograd
+    functions' own forward and backward). A contiguous CPU tensor goes through one tiled ``transpose_copy``; other
+    layouts and devices through torch's copy."""
+    if x.is_contiguous() and x.device.type == "cpu" and x.numel():
+        n = x.shape[0]
+        return TRANSPOSE_COPY.kernel(resolve_backend(backend, x.device, "transpose_copy"))(x.reshape(n, -1)).view(
+            *x.shape[1:], n)
+    return x.permute(1, 2, 3, 0).contiguous()
+
+
+def nchw_contiguous(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """An (N, C, H, W) tensor as a contiguous NCHW tensor; one whose memory is (C, H, W, N) (a sparse
+    convolution's output or input gradient) goes through one tiled ``transpose_copy`` on the CPU."""
+    feature_major = x.permute(1, 2, 3, 0)
+    if feature_major.is_contiguous() and not x.is_contiguous() and x.device.type == "cpu":
+        n = x.shape[0]
+        return TRANSPOSE_COPY.kernel(resolve_backend(backend, x.device, "transpose_copy"))(
+            feature_major.reshape(-1, n)).view(x.shape)
+    return x.contiguous()

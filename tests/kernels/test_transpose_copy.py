@@ -113,3 +113,22 @@ def test_direct_kernel_calls_check_their_input(backend, device):
         op(torch.randn(3, device=device))
     with pytest.raises(TypeError, match="floating-point|float16, bfloat16, float32 or float64"):
         op(torch.ones(2, 3, dtype=torch.int32, device=device))
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_layout_changes_between_nchw_and_batch_last(backend, device):
+    """batch_last: NCHW values as a contiguous (C, H, W, N) tensor; nchw_contiguous: back, from (C, H, W, N) memory
+    (or any other layout) to contiguous NCHW. Fresh outputs on every path (contiguous, strided, empty)."""
+    x = _random((5, 3, 4, 6), torch.float32, device)
+    poison_allocator(x.numel(), torch.float32, device)
+    t = fk.batch_last(x, backend=backend)
+    assert t.shape == (3, 4, 6, 5) and t.is_contiguous() and torch.equal(t, x.permute(1, 2, 3, 0))
+    view = t.permute(3, 0, 1, 2)  # the sparse layers' activations: (C, H, W, N) memory seen as NCHW
+    back = fk.nchw_contiguous(view, backend=backend)
+    assert back.is_contiguous() and torch.equal(back, x) and back.data_ptr() != t.data_ptr()
+    strided = x[:, :, ::2]  # neither layout: torch's copies
+    assert torch.equal(fk.batch_last(strided, backend=backend), strided.permute(1, 2, 3, 0))
+    assert torch.equal(fk.nchw_contiguous(strided, backend=backend), strided)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    assert fk.nchw_contiguous(channels_last, backend=backend).is_contiguous()
+    assert fk.batch_last(torch.empty(0, 3, 4, 6, device=device), backend=backend).shape == (3, 4, 6, 0)
