@@ -213,9 +213,17 @@ class _GradientInNCHW(torch.autograd.Function):
         return nchw_contiguous(grad, ctx.backend), None
 
 
+# The C++ kernels run an fp32 batch wider than this as contiguous (C, H, W, 64) chunks, each transposed straight from
+# an NCHW view (csrc/cpu/sparse_conv2d.cpp).
+_CPP_BATCH_CHUNK = 64
+
+
 def _backward(ctx, grad):
     values, input_t, crow, col = ctx.saved_tensors
-    if not grad.is_contiguous():  # once for both kernels (an NCHW caller's gradient: one tiled transpose)
+    chunked = ctx.backend == "cpp" and grad.dtype == torch.float32 and grad.shape[3] > _CPP_BATCH_CHUNK
+    if not grad.is_contiguous() and not chunked:
+        # once for both kernels (an NCHW caller's gradient: one tiled transpose); chunked kernels transpose their
+        # chunks from the NCHW view themselves, which saves the copy of each chunk out of a transposed whole
         grad = batch_last(grad.permute(3, 0, 1, 2), ctx.backend)
     grad_values = grad_input = None
     if ctx.needs_input_grad[0]:

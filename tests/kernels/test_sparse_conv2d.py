@@ -344,6 +344,70 @@ def test_spatially_tiled_cpu_kernels_match_the_references(backend, device, geome
            2e-5)
 
 
+def _activation(shape, batch, layout, device):
+    """A (C, H, W, N) activation: contiguous, an NCHW tensor's permuted view, or strided in width and batch."""
+    if layout == "contiguous":
+        return torch.randn(*shape, batch, device=device)
+    if layout == "nchw_view":
+        return torch.randn(batch, *shape, device=device).permute(1, 2, 3, 0)
+    c, h, w = shape
+    return torch.randn(c, h, w + 3, 2 * batch, device=device)[:, :, 1:1 + w, ::2]
+
+
+# fp32 batches wider than 64 run in the C++ kernels as contiguous 64-wide chunks: two whole chunks and a 2-wide tail;
+# one whole chunk and a 36-wide tail (not a multiple of 8)
+@pytest.mark.parametrize("layout", ["contiguous", "nchw_view", "strided"])
+@pytest.mark.parametrize("batch", [130, 100])
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[3], GEOMETRIES[6]],
+                         ids=lambda g: "x".join(map(str, g[2] + g[3] + g[4])))
+@pytest.mark.parametrize("backend,device", [p for p in PARAMS if p.values[0] == "cpp"])
+def test_wide_batches_match_the_references_in_every_layout(backend, device, geometry, batch, layout):
+    """Each chunk writes only its own slice of the output and of the input gradient, and the weight gradient sums
+    every chunk's share: all three kernels agree with the references for every input layout."""
+    in_c, out_c, hw, kernel, stride, padding, dilation = geometry
+    S = _sparse_weight(out_c, in_c, list(kernel), 0.4, torch.float32, device)
+    geo = (list(kernel), list(stride), list(padding), list(dilation))
+    x_t = _activation((in_c, *hw), batch, layout, device)
+    forward, input_grad, weight_grad = OPS["forward"], OPS["input_grad"], OPS["weight_grad"]
+    ref = forward.kernel("reference")(S.values, S.crow_indices, S.col_indices, x_t.contiguous(), *geo)
+    poison_allocator(ref.numel(), torch.float32, device)
+    _close(forward.kernel(backend)(S.values, S.crow_indices, S.col_indices, x_t, *geo), ref, 2e-5)
+    grad_out_t = _activation(tuple(ref.shape[:3]), batch, layout, device)
+    ref_i = input_grad.kernel("reference")(S.values, S.crow_indices, S.col_indices, grad_out_t.contiguous(),
+                                           [in_c, *hw], *geo)
+    poison_allocator(ref_i.numel(), torch.float32, device)
+    _close(input_grad.kernel(backend)(S.values, S.crow_indices, S.col_indices, grad_out_t, [in_c, *hw], *geo), ref_i,
+           2e-5)
+    ref_w = weight_grad.kernel("reference")(grad_out_t.double(), x_t.double(), S.crow_indices, S.col_indices, *geo)
+    poison_allocator(S.nnz, torch.float32, device)
+    _close(weight_grad.kernel(backend)(grad_out_t, x_t, S.crow_indices, S.col_indices, *geo), ref_w, 2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend,device", [p for p in PARAMS if p.values[0] == "cpp"])
+def test_a_wide_nchw_batch_trains_like_the_dense_conv(backend, device, dtype):
+    """An NCHW batch of 100 through autograd: fp32 hands the kernels the gradient's NCHW view to chunk, fp64 one
+    transposed copy; output, input gradient (in NCHW), weight and bias gradients match the dense convolution."""
+    S = _sparse_weight(5, 3, (3, 3), 0.4, dtype, device)
+    values = S.values.detach().clone().requires_grad_()
+    weight = S.with_values(values)
+    bias = torch.randn(5, dtype=dtype, device=device, requires_grad=True)
+    x = torch.randn(100, 3, 9, 11, dtype=dtype, device=device, requires_grad=True)
+    out = fk.sparse_conv2d(x, weight, 3, bias, 1, 1, backend=backend)
+    expected = _dense_conv(x, S, (3, 3), bias, 1, 1, 1)
+    _close(out, expected, 2e-5)
+    dy = torch.randn(out.shape, dtype=dtype, device=device)
+    out.backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    w64 = S.to_dense().double().view(5, 3, 3, 3).requires_grad_()
+    b64 = bias.detach().double().requires_grad_()
+    F.conv2d(x64, w64, b64, 1, 1).backward(dy.double())
+    assert x.grad.is_contiguous()
+    _close(x.grad, x64.grad, 2e-5)
+    _close(values.grad, w64.grad.reshape(5, -1)[S.mask()], 2e-5)
+    _close(bias.grad, b64.grad, 2e-5)
+
+
 @pytest.mark.parametrize("backend,device", PARAMS)
 def test_a_strided_1x1_conv_in_the_kernels_layout_matches_dense(backend, device):
     """channels_last_batch input (C, H, W, N), non-contiguous as a permuted NCHW tensor is: a strided 1x1

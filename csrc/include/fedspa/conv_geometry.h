@@ -13,6 +13,8 @@ struct ConvGeometry {
   int64_t C, H, W, N;  // input (C, H, W, N)
   int64_t O, OH, OW;   // output (O, OH, OW, N)
   int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+  int64_t out_ld;      // elements between two positions of the tensor a kernel writes: N, unless the kernel runs on
+                       // a batch chunk and writes into the chunk's slice of a wider tensor
 };
 
 inline ConvGeometry make_conv_geometry(const char* op, int64_t channels, int64_t height, int64_t width,
@@ -29,6 +31,7 @@ inline ConvGeometry make_conv_geometry(const char* op, int64_t channels, int64_t
                  padding[0], padding[1], dilation[0], dilation[1]};
   g.OH = (height + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
   g.OW = (width + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  g.out_ld = batch;
   TORCH_CHECK_VALUE(height >= 1 && width >= 1 && g.OH >= 1 && g.OW >= 1, op, ": input of ", height, "x", width,
                     " gives an empty output with kernel ", kernel, ", stride ", stride, ", padding ", padding,
                     ", dilation ", dilation);
