@@ -322,16 +322,56 @@ void input_grad_impl(const T* values_t, const int64_t* tcrow, const int32_t* tco
 }
 
 #if defined(FEDSPA_X86_DISPATCH)
+// Stride 1: one input channel's nonzeros as a flat list, each with the grad_output offset it reads at input position
+// (0, 0) (in the (ky, kx, o) order of the loop below, so the sums are the same). At an input position whose every tap
+// lands inside grad_output the loop over them is one run of known length; the nested loop's short inner runs (about
+// 3 nonzeros per tap at d = 0.05) cost a mispredicted exit each. ResNet-18 stage 1, 1 thread, three alternating runs:
+// 1.3-1.45x faster at d = 0.05 and 1.25-1.43x at 0.1 (batch 32), 1.13-1.31x at d <= 0.1 (batch 128), 1.06-1.09x
+// at 0.5.
+struct FlatEntry {
+  float w;
+  int64_t offset;
+};
+
+std::vector<std::vector<FlatEntry>> flat_entries(const float* values_t, const int64_t* tcrow, const int32_t* tcol,
+                                                 const Geometry& g) {
+  std::vector<std::vector<FlatEntry>> flat(g.C);
+  const int64_t plane = g.OH * g.OW * g.N;
+  for (int64_t c = 0; c < g.C; ++c) {
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        const int64_t j = (c * g.kh + ky) * g.kw + kx;
+        const int64_t shift = ((g.ph - ky * g.dh) * g.OW + g.pw - kx * g.dw) * g.N;
+        for (int64_t t = tcrow[j]; t < tcrow[j + 1]; ++t) {
+          flat[c].push_back({values_t[t], static_cast<int64_t>(tcol[t]) * plane + shift});
+        }
+      }
+    }
+  }
+  return flat;
+}
+
 // The same loop with the batch block in AVX2 registers (the portable loop above is the reference shape).
 template <int V>
 __attribute__((target("avx2,fma"))) void input_grad_block_avx2(const float* values_t, const int64_t* tcrow,
                                                                const int32_t* tcol, const float* gout, float* gin,
-                                                               const Geometry& g, int64_t c, int64_t n0,
-                                                               int64_t iy_begin, int64_t iy_end) {
+                                                               const Geometry& g,
+                                                               const std::vector<FlatEntry>* flat, int64_t c,
+                                                               int64_t n0, int64_t iy_begin, int64_t iy_end) {
+  // with `flat` (stride 1): the input positions whose every tap lands inside grad_output
+  const int64_t ylo = (g.kh - 1) * g.dh - g.ph, yhi = g.OH - 1 - g.ph;
+  const int64_t xlo = (g.kw - 1) * g.dw - g.pw, xhi = g.OW - 1 - g.pw;
   for (int64_t iy = iy_begin; iy < iy_end; ++iy) {
+    const bool row_inside = flat != nullptr && iy >= ylo && iy <= yhi;
     for (int64_t ix = 0; ix < g.W; ++ix) {
       Acc8<V> acc;
       acc.zero();
+      if (row_inside && ix >= xlo && ix <= xhi) {
+        const float* at = gout + (iy * g.OW + ix) * g.N + n0;
+        for (const FlatEntry& e : *flat) acc.fma(e.w, at + e.offset);
+        acc.store(gin + ((c * g.H + iy) * g.W + ix) * g.out_ld + n0);
+        continue;
+      }
       for (int64_t ky = 0; ky < g.kh; ++ky) {
         const int64_t ty = iy + g.ph - ky * g.dh;
         if (ty < 0 || ty % g.sh != 0 || ty / g.sh >= g.OH) continue;
@@ -366,6 +406,8 @@ void input_grad_dispatch(const T* values_t, const int64_t* tcrow, const int32_t*
       const int64_t rows = worth_tiling(g.O, g.OH, g.OW, width, sizeof(float))
                                ? tile_rows(g.O, g.OW, width, 1, span, g.H, blocks, sizeof(float)) : g.H;
       const int64_t tiles = (g.H + rows - 1) / rows;
+      const std::vector<std::vector<FlatEntry>> flat =
+          g.sh == 1 && g.sw == 1 ? flat_entries(values_t, tcrow, tcol, g) : std::vector<std::vector<FlatEntry>>{};
       // tasks in (tile, batch block, channel) order: a thread's contiguous share walks a tile's channels
       at::parallel_for(0, tiles * blocks * g.C, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t task = t0; task < t1; ++task) {
@@ -378,7 +420,8 @@ void input_grad_dispatch(const T* values_t, const int64_t* tcrow, const int32_t*
             int64_t n = n0;
             const auto run = [&](auto vectors) {
               constexpr int V = decltype(vectors)::value;
-              input_grad_block_avx2<V>(values_t, tcrow, tcol, gout, gin, g, c, n, iy0, iy1);
+              input_grad_block_avx2<V>(values_t, tcrow, tcol, gout, gin, g, flat.empty() ? nullptr : &flat[c], c,
+                                        n, iy0, iy1);
               n += 8 * V;
             };
             if (here == 64) {
