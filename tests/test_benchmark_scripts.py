@@ -205,3 +205,10 @@ def test_conv_batch_scaling_smoke():
     result = _run(["benchmarks/conv_batch_scaling.py", "--batches", "2,3"], {})
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 2 |") or line.startswith("| 3 |")]
     assert len(rows) == 2 and all(float(cell) > 0 for row in rows for cell in row.split("|")[2:5])
+
+
+@pytest.mark.skipif(not fk.available_backends()["cpp"], reason="the cpp backend is not built")
+def test_conv_kernel_times_smoke():
+    result = _run(["benchmarks/conv_kernel_times.py", "--batch", "2", "--densities", "0.5"], {})
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| stage1 |", "| downsample |"))]
+    assert len(rows) == 2 and all(float(cell) > 0 for row in rows for cell in row.split("|")[3:6])

@@ -326,8 +326,8 @@ void input_grad_impl(const T* values_t, const int64_t* tcrow, const int32_t* tco
 // (0, 0) (in the (ky, kx, o) order of the loop below, so the sums are the same). At an input position whose every tap
 // lands inside grad_output the loop over them is one run of known length; the nested loop's short inner runs (about
 // 3 nonzeros per tap at d = 0.05) cost a mispredicted exit each. ResNet-18 stage 1, 1 thread, three alternating runs:
-// 1.3-1.45x faster at d = 0.05 and 1.25-1.43x at 0.1 (batch 32), 1.13-1.31x at d <= 0.1 (batch 128), 1.06-1.09x
-// at 0.5.
+// 1.26-1.39x faster at d = 0.05 (batch 32), 1.10-1.20x at d <= 0.1 (batch 128), 1.02-1.06x at 0.5
+// (benchmarks/results/conv_backward_kernels_2026-12-07.md).
 struct FlatEntry {
   float w;
   int64_t offset;
@@ -352,21 +352,21 @@ std::vector<std::vector<FlatEntry>> flat_entries(const float* values_t, const in
 }
 
 // The same loop with the batch block in AVX2 registers (the portable loop above is the reference shape).
-template <int V>
+template <int V, bool kFlat>
 __attribute__((target("avx2,fma"))) void input_grad_block_avx2(const float* values_t, const int64_t* tcrow,
                                                                const int32_t* tcol, const float* gout, float* gin,
                                                                const Geometry& g,
                                                                const std::vector<FlatEntry>* flat, int64_t c,
                                                                int64_t n0, int64_t iy_begin, int64_t iy_end) {
-  // with `flat` (stride 1): the input positions whose every tap lands inside grad_output
+  // kFlat (stride 1, `flat` given): the input positions whose every tap lands inside grad_output
   const int64_t ylo = (g.kh - 1) * g.dh - g.ph, yhi = g.OH - 1 - g.ph;
   const int64_t xlo = (g.kw - 1) * g.dw - g.pw, xhi = g.OW - 1 - g.pw;
   for (int64_t iy = iy_begin; iy < iy_end; ++iy) {
-    const bool row_inside = flat != nullptr && iy >= ylo && iy <= yhi;
+    const bool row_inside = kFlat && iy >= ylo && iy <= yhi;
     for (int64_t ix = 0; ix < g.W; ++ix) {
       Acc8<V> acc;
       acc.zero();
-      if (row_inside && ix >= xlo && ix <= xhi) {
+      if (kFlat && row_inside && ix >= xlo && ix <= xhi) {
         const float* at = gout + (iy * g.OW + ix) * g.N + n0;
         for (const FlatEntry& e : *flat) acc.fma(e.w, at + e.offset);
         acc.store(gin + ((c * g.H + iy) * g.W + ix) * g.out_ld + n0);
@@ -420,8 +420,11 @@ void input_grad_dispatch(const T* values_t, const int64_t* tcrow, const int32_t*
             int64_t n = n0;
             const auto run = [&](auto vectors) {
               constexpr int V = decltype(vectors)::value;
-              input_grad_block_avx2<V>(values_t, tcrow, tcol, gout, gin, g, flat.empty() ? nullptr : &flat[c], c,
-                                        n, iy0, iy1);
+              if (flat.empty()) {  // strided: the nested loop alone (with the flat check inside it, 4-7% slower)
+                input_grad_block_avx2<V, false>(values_t, tcrow, tcol, gout, gin, g, nullptr, c, n, iy0, iy1);
+              } else {
+                input_grad_block_avx2<V, true>(values_t, tcrow, tcol, gout, gin, g, &flat[c], c, n, iy0, iy1);
+              }
               n += 8 * V;
             };
             if (here == 64) {
@@ -486,18 +489,18 @@ T tap_dot(const T* gout, const T* in, const Geometry& g, int64_t o, int64_t c, i
 }
 
 #if defined(FEDSPA_X86_DISPATCH)
-// G taps (ky[t], kx[t]) of one (output channel o, input channel c) pair over the output positions
-// [y0, y1] x [x0, x1], where every one of them lands inside the input: sums[t] += the tap's dot products. Each
-// batch vector of grad_output is loaded once for all G taps, and the G accumulators are independent chains of
-// fused multiply-adds (one accumulator per tap would leave the FMA units waiting on its latency).
+// G nonzeros (input channel c[t], tap ky[t], kx[t]) of output channel o over the output positions [y0, y1] x [x0, x1],
+// where every one of them lands inside the input: sums[t] += their dot products. Each batch vector of grad_output is
+// loaded once for all G, and the G accumulators are independent chains of fused multiply-adds (one accumulator per
+// tap would leave the FMA units waiting on its latency).
 template <int G>
 __attribute__((target("avx2,fma"))) void fused_taps_avx2(const float* gout, const float* in, const Geometry& g,
-                                                         int64_t o, int64_t c, const int64_t* ky, const int64_t* kx,
-                                                         int64_t y0, int64_t y1, int64_t x0, int64_t x1,
-                                                         float* sums) {
+                                                         int64_t o, const int64_t* c, const int64_t* ky,
+                                                         const int64_t* kx, int64_t y0, int64_t y1, int64_t x0,
+                                                         int64_t x1, float* sums) {
   constexpr int U = G == 2 ? 2 : 1;  // vectors per tap per step: at least 3 independent chains (G = 1: below)
-  int64_t offset[G];  // each tap's input offset from the tap (0, 0)'s, in floats
-  for (int t = 0; t < G; ++t) offset[t] = (ky[t] * g.dh * g.W + kx[t] * g.dw) * g.N;
+  int64_t offset[G];  // each nonzero's input offset from channel 0's tap (0, 0), in floats
+  for (int t = 0; t < G; ++t) offset[t] = ((c[t] * g.H + ky[t] * g.dh) * g.W + kx[t] * g.dw) * g.N;
   __m256 acc[G][U];
   for (int t = 0; t < G; ++t) {
     for (int u = 0; u < U; ++u) acc[t][u] = _mm256_setzero_ps();
@@ -508,8 +511,8 @@ __attribute__((target("avx2,fma"))) void fused_taps_avx2(const float* gout, cons
   for (int64_t oy = y0; oy <= y1; ++oy) {
     for (int64_t ox = x0; ox <= x1; ++ox) {
       const float* a = gout + ((o * g.OH + oy) * g.OW + ox) * g.N;
-      // where the tap (0, 0) would land (maybe in the padding: only the taps' own offsets from it are read)
-      const int64_t origin = ((c * g.H + oy * g.sh - g.ph) * g.W + ox * g.sw - g.pw) * g.N;
+      // where channel 0's tap (0, 0) would land (maybe in the padding: only the offsets from it are read)
+      const int64_t origin = ((oy * g.sh - g.ph) * g.W + ox * g.sw - g.pw) * g.N;
       const float* b[G];
       for (int t = 0; t < G; ++t) b[t] = in + (origin + offset[t]);
       int64_t n = 0;
@@ -563,11 +566,11 @@ __attribute__((target("avx2,fma"), always_inline)) inline float single_tap_avx2(
 }
 
 __attribute__((target("avx2,fma"))) void fused_taps_dispatch(int count, const float* gout, const float* in,
-                                                             const Geometry& g, int64_t o, int64_t c,
+                                                             const Geometry& g, int64_t o, const int64_t* c,
                                                              const int64_t* ky, const int64_t* kx, int64_t y0,
                                                              int64_t y1, int64_t x0, int64_t x1, float* sums) {
   switch (count) {
-    case 1: sums[0] += single_tap_avx2(gout, in, g, o, c, ky[0], kx[0], y0, y1, x0, x1); break;
+    case 1: sums[0] += single_tap_avx2(gout, in, g, o, c[0], ky[0], kx[0], y0, y1, x0, x1); break;
     case 2: fused_taps_avx2<2>(gout, in, g, o, c, ky, kx, y0, y1, x0, x1, sums); break;
     case 3: fused_taps_avx2<3>(gout, in, g, o, c, ky, kx, y0, y1, x0, x1, sums); break;
     case 4: fused_taps_avx2<4>(gout, in, g, o, c, ky, kx, y0, y1, x0, x1, sums); break;
@@ -588,9 +591,12 @@ __attribute__((target("avx2,fma"))) float tap_dot_avx2(const float* gout, const 
 
 constexpr int kMaxFusedTaps = 8;
 
-// Output channel o's weight gradient: its nonzeros come grouped by input channel (the CSR columns c * kh * kw + tap
-// ascend), and each group is done kMaxFusedTaps taps at a time: fused over the positions where all of them land
-// inside the input, then each tap alone over the rest of its own positions (the padding border).
+// Output channel o's weight gradient, kMaxFusedTaps nonzeros at a time (in CSR order, across input channels: they all
+// read the same grad_output vectors): fused over the positions where all of them land inside the input, then each
+// alone over the rest of its own positions (the padding border). Grouping only the taps of one input channel left
+// most nonzeros alone at low density and on 1x1 kernels, each loading both operands per multiply-add; across channels,
+// 1 thread, three alternating runs: ResNet-18 stage 1 1.17-1.32x faster at d <= 0.1 (batch 32), 1.11-1.50x (batch
+// 128), the 1x1 downsample 1.14-1.20x at d = 0.5 (batch 128) (benchmarks/results/conv_backward_kernels_2026-12-07.md).
 template <typename I>
 __attribute__((target("avx2,fma"))) void weight_grad_row_avx2(const float* gout, const float* in, const int64_t* crow,
                                                               const I* col, float* out, const Geometry& g,
@@ -599,19 +605,19 @@ __attribute__((target("avx2,fma"))) void weight_grad_row_avx2(const float* gout,
   const int64_t e = crow[o + 1];
   int64_t k = crow[o];
   while (k < e) {
-    const int64_t c = col[k] / taps;
     int count = 0;
-    int64_t ky[kMaxFusedTaps], kx[kMaxFusedTaps];
+    int64_t c[kMaxFusedTaps], ky[kMaxFusedTaps], kx[kMaxFusedTaps];
     TapRange ranges[kMaxFusedTaps];
     TapRange inner{0, g.OH - 1, 0, g.OW - 1};
-    if (k + 1 == e || col[k + 1] / taps != c) {  // a group of one skips the grouping's bookkeeping (its cost was
-      const int64_t r = col[k] % taps;            // 5-10% of the 1x1 downsample's weight gradient)
-      out[k] = tap_dot_avx2(gout, in, g, o, c, r / g.kw, r % g.kw);
+    if (k + 1 == e) {  // the last one alone skips the grouping's bookkeeping
+      const int64_t r = col[k] % taps;
+      out[k] = tap_dot_avx2(gout, in, g, o, col[k] / taps, r / g.kw, r % g.kw);
       ++k;
       continue;
     }
-    while (k + count < e && count < kMaxFusedTaps && col[k + count] / taps == c) {
+    while (k + count < e && count < kMaxFusedTaps) {
       const int64_t r = col[k + count] % taps;
+      c[count] = col[k + count] / taps;
       ky[count] = r / g.kw;
       kx[count] = r % g.kw;
       ranges[count] = tap_range(g, ky[count], kx[count]);
@@ -636,7 +642,7 @@ __attribute__((target("avx2,fma"))) void weight_grad_row_avx2(const float* gout,
       for (int part = 0; part < (fused ? 4 : 1); ++part) {
         const TapRange& p = rest[part];
         if (p.ylo <= p.yhi && p.xlo <= p.xhi) {
-          sums[t] += single_tap_avx2(gout, in, g, o, c, ky[t], kx[t], p.ylo, p.yhi, p.xlo, p.xhi);
+          sums[t] += single_tap_avx2(gout, in, g, o, c[t], ky[t], kx[t], p.ylo, p.yhi, p.xlo, p.xhi);
         }
       }
     }

@@ -428,12 +428,14 @@ def test_a_strided_1x1_conv_in_the_kernels_layout_matches_dense(backend, device)
     assert torch.all(x.grad[:, :, 1::2] == 0) and torch.all(x.grad[:, :, :, 1::3] == 0)  # pixels never read
 
 
-# (in_c, out_c, (H, W), kernel, stride, padding, dilation): the weight gradient's cases. The C++ kernel sums the
-# taps of one (output, input channel) pair together, up to 8 at a time, over the positions where all of them land
-# inside the input, then each tap over the rest of its own positions.
+# (in_c, out_c, (H, W), kernel, stride, padding, dilation): the weight gradient's cases. The C++ kernel sums an
+# output channel's nonzeros together, up to 8 at a time across input channels, over the positions where all of them
+# land inside the input, then each over the rest of its own positions.
 WEIGHT_GRAD_GEOMETRIES = [
-    (3, 4, (7, 9), (3, 3), (1, 1), (1, 1), (1, 1)),  # 9 taps a channel at density 1: a group of 8 and one of 1
-    (2, 3, (9, 8), (5, 5), (1, 1), (2, 2), (1, 1)),  # 25 taps: groups 8 + 8 + 8 + 1, wide padding borders
+    (3, 4, (7, 9), (3, 3), (1, 1), (1, 1), (1, 1)),  # 27 a row at density 1: groups of 8 across channels, then 3
+    (1, 2, (6, 7), (3, 3), (1, 1), (1, 1), (1, 1)),  # 9 a row: a group of 8, then the last one alone
+    (2, 3, (9, 8), (5, 5), (1, 1), (2, 2), (1, 1)),  # 50 a row: six groups of 8 and one of 2, wide padding borders
+    (12, 3, (7, 6), (1, 1), (2, 2), (0, 0), (1, 1)),  # 1x1 stride 2: one tap of 12 channels, grouped 8 + 4
     (2, 3, (3, 3), (3, 3), (1, 1), (2, 2), (2, 2)),  # taps whose positions do not overlap: no common inner region
     (2, 3, (1, 5), (3, 3), (2, 1), (1, 1), (1, 1)),  # taps that never land inside the input (gradient 0)
     (3, 2, (10, 11), (3, 2), (2, 3), (1, 0), (1, 2)),  # strides, uneven kernel, padding and dilation
