@@ -6,8 +6,8 @@
 // position's batch vector (up to 64 floats) in AVX2 registers while the output channel's nonzeros stream by: one
 // fused multiply-add per 8 batch elements, no unfolded input. The input gradient does the same per input position
 // through the transposed order (values gathered into it once); the weight gradient is, per nonzero, a dot product
-// of batch vectors summed over the positions where the kernel tap lands inside the input (the taps of one input
-// channel together, so each grad_output vector is loaded once for all of them). Parallel over output
+// of batch vectors summed over the positions where the kernel tap lands inside the input (up to 8 nonzeros of an
+// output channel together, so each grad_output vector is loaded once for all of them). Parallel over output
 // channels (input channels for the input gradient) and batch blocks: no two threads write the same element.
 // An fp32 batch wider than 64 runs as contiguous chunks of 64 (kBatchChunk).
 #include <ATen/ATen.h>
@@ -366,7 +366,7 @@ __attribute__((target("avx2,fma"))) void input_grad_block_avx2(const float* valu
     for (int64_t ix = 0; ix < g.W; ++ix) {
       Acc8<V> acc;
       acc.zero();
-      if (kFlat && row_inside && ix >= xlo && ix <= xhi) {
+      if (row_inside && ix >= xlo && ix <= xhi) {
         const float* at = gout + (iy * g.OW + ix) * g.N + n0;
         for (const FlatEntry& e : *flat) acc.fma(e.w, at + e.offset);
         acc.store(gin + ((c * g.H + iy) * g.W + ix) * g.out_ld + n0);
@@ -693,7 +693,18 @@ int64_t chunk_width(const at::Tensor& t, int64_t batch) {
 
 // Batch elements [n0, n0 + width) of a (C, H, W, N) activation as a contiguous (C, H, W, width) tensor.
 at::Tensor batch_chunk(const at::Tensor& t, int64_t n0, int64_t width) {
-  return n0 == 0 && width == t.size(3) ? feature_major(t) : feature_major(t.narrow(3, n0, width));
+  return feature_major(t.narrow(3, n0, width));
+}
+
+// body(n0, gc) for each chunk [n0, n0 + gc.N) of the batch, `chunk` wide: gc is g with the chunk's batch (its
+// out_ld still g's, so the kernel writes the chunk's slice of the whole result).
+template <typename F>
+void for_each_batch_chunk(const Geometry& g, int64_t chunk, F&& body) {
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+    Geometry gc = g;
+    gc.N = std::min(chunk, g.N - n0);
+    body(n0, gc);
+  }
 }
 
 at::Tensor sparse_conv2d_cpu(const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
@@ -712,10 +723,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& values, const at::Tensor& crow, c
   check_csr(op, crow_c, col_c, g.C * g.kh * g.kw);
   const at::Tensor v = values.contiguous();
   at::Tensor out = at::empty({g.O, g.OH, g.OW, g.N}, input_t.options());
-  const int64_t chunk = chunk_width(input_t, g.N);
-  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
-    Geometry gc = g;  // writes its chunk's slice of `out`
-    gc.N = std::min(chunk, g.N - n0);
+  for_each_batch_chunk(g, chunk_width(input_t, g.N), [&](int64_t n0, const Geometry& gc) {
     const at::Tensor in = batch_chunk(input_t, n0, gc.N);
     dispatch_col_index(col_c, [&](auto index) {
       using I = decltype(index);
@@ -724,7 +732,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& values, const at::Tensor& crow, c
                                in.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + n0, gc);
       });
     });
-  }
+  });
   return out;
 }
 
@@ -751,13 +759,11 @@ at::Tensor sparse_conv2d_input_grad_cpu(const at::Tensor& values, const at::Tens
       // the gather below reads the weight column by column: its transposed order, built here for this call
       const CscOf<scalar_t> t = csr_transpose_cpu(v.data_ptr<scalar_t>(), crow_c.data_ptr<int64_t>(),
                                                   col_c.data_ptr<I>(), g.O, g.C * g.kh * g.kw);
-      for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
-        Geometry gc = g;  // writes its chunk's slice of `gin`
-        gc.N = std::min(chunk, g.N - n0);
+      for_each_batch_chunk(g, chunk, [&](int64_t n0, const Geometry& gc) {
         const at::Tensor gout = batch_chunk(grad_out_t, n0, gc.N);
         input_grad_dispatch<scalar_t>(t.values.get(), t.ccol.data(), t.row.get(), gout.data_ptr<scalar_t>(),
                                       gin.data_ptr<scalar_t>() + n0, gc);
-      }
+      });
     });
   });
   return gin;
@@ -790,9 +796,7 @@ at::Tensor sparse_conv2d_weight_grad_cpu(const at::Tensor& grad_out_t, const at:
   at::Tensor part = chunk < g.N ? at::empty_like(out) : out;  // a later chunk's sums, added to the first's
   // a batch of 0 has no chunk: its weight gradient is zero
   if (g.N == 0) out.zero_();
-  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
-    Geometry gc = g;
-    gc.N = std::min(chunk, g.N - n0);
+  for_each_batch_chunk(g, chunk, [&](int64_t n0, const Geometry& gc) {
     const at::Tensor gout = batch_chunk(grad_out_t, n0, gc.N);
     const at::Tensor in = batch_chunk(input_t, n0, gc.N);
     at::Tensor& sums = n0 == 0 ? out : part;
@@ -804,7 +808,7 @@ at::Tensor sparse_conv2d_weight_grad_cpu(const at::Tensor& grad_out_t, const at:
       });
     });
     if (n0 > 0) out.add_(part);
-  }
+  });
   return out;
 }
 
