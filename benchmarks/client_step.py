@@ -7,9 +7,10 @@ A round here is what ``FedSpaClient.round`` does: decode the downlink, build the
 the mask update, encode the upload. Each (model, density) builds one federation (random inputs and labels; the
 data do not change the time) and times rounds of the three ways interleaved, after one warm-up round each (which
 also measures and caches the layer timings of the fastest policy, in a fresh cache folder). Median over rounds per
-run; three runs.
+run; three runs. Each row also says how many masked layers each way runs on the sparse kernels: where the measured
+choice runs none, it does exactly dense x mask's work and its ratio is 1 up to the machine's noise.
 
-    python benchmarks/client_step.py benchmarks/results/client_step_<date>.json [--rounds 5] [--runs 3]
+    python benchmarks/client_step.py benchmarks/results/client_step_<date>.json [--rounds 9] [--runs 3]
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ def _federation(model: str, density: float, way: str, samples: int):
     return federation(config, data=data)
 
 
+def sparse_layers(client) -> int:
+    """How many layers of the client's prepared model run on the sparse kernels."""
+    from fedspa.nn import SparseConv2d, SparseLinear
+
+    model = client._executed[0]
+    return sum(isinstance(m, (SparseConv2d, SparseLinear)) for m in model.modules())
+
+
 def measure(models: list[str], densities: list[float], rounds: int) -> list[dict]:
     rows = []
     for model in models:
@@ -65,7 +74,8 @@ def measure(models: list[str], densities: list[float], rounds: int) -> list[dict
                     fed.clients[0].round(downlinks[way], 1)
                     times[way].append(time.perf_counter() - began)
             row = {"model": model, "density": density, "local_steps": MODELS[model][2], "batch": 32,
-                   **{f"{way}_s": statistics.median(t) for way, t in times.items()}}
+                   **{f"{way}_s": statistics.median(t) for way, t in times.items()},
+                   **{f"{way}_sparse_layers": sparse_layers(fed.clients[0]) for way, fed in feds.items()}}
             row["fastest_vs_dense_masked"] = row["dense_masked_s"] / row["fastest_s"]
             row["memory_vs_dense_masked"] = row["dense_masked_s"] / row["memory_s"]
             rows.append(row)
@@ -78,7 +88,7 @@ def main() -> None:
     parser.add_argument("output")
     parser.add_argument("--models", default="cnn,resnet18")
     parser.add_argument("--densities", default="0.5,0.2,0.1")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     os.environ["FEDSPA_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedspa-bench-cache-")  # measured afresh
@@ -91,17 +101,19 @@ def main() -> None:
             "platform": platform.platform(), "processor": platform.processor(), "rounds": args.rounds,
             "method": __doc__.strip()}
     Path(args.output).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-    print(f"| model | density | dense x mask s / round | fastest s | memory s | dense x mask / fastest "
-          f"(range over {args.runs} runs) | dense x mask / memory |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| model | density | sparse layers (fastest / memory) | dense x mask s / round | fastest s | memory s | "
+          f"dense x mask / fastest (range over {args.runs} runs) | dense x mask / memory |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for i, row in enumerate(runs[0]):
         def med(key, i=i):
             return statistics.median(run[i][key] for run in runs)
 
         fast = [run[i]["fastest_vs_dense_masked"] for run in runs]
         mem = [run[i]["memory_vs_dense_masked"] for run in runs]
-        print(f"| {row['model']} | {row['density']} | {med('dense_masked_s'):.3f} | {med('fastest_s'):.3f} | "
-              f"{med('memory_s'):.3f} | {min(fast):.2f}–{max(fast):.2f}x | {min(mem):.2f}–{max(mem):.2f}x |")
+        plans = sorted({(run[i]["fastest_sparse_layers"], run[i]["memory_sparse_layers"]) for run in runs})
+        print(f"| {row['model']} | {row['density']} | {', '.join(f'{a} / {b}' for a, b in plans)} | "
+              f"{med('dense_masked_s'):.3f} | {med('fastest_s'):.3f} | {med('memory_s'):.3f} | "
+              f"{min(fast):.2f}–{max(fast):.2f}x | {min(mem):.2f}–{max(mem):.2f}x |")
 
 
 if __name__ == "__main__":

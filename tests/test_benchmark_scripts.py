@@ -144,6 +144,8 @@ def test_client_step_benchmark_smoke(tmp_path):
                    "--runs", "1"], {})
     rows = json.loads(out.read_text())["runs"][0]
     assert len(rows) == 1 and all(rows[0][f"{way}_s"] > 0 for way in ("fastest", "memory", "dense_masked"))
+    # the plan each way ran: dense x mask runs no sparse layer, memory every one that fits
+    assert rows[0]["dense_masked_sparse_layers"] == 0 and rows[0]["memory_sparse_layers"] >= 2
     assert "| cnn | 0.5 |" in result.stdout
 
 

@@ -213,6 +213,30 @@ class _GradientInNCHW(torch.autograd.Function):
         return nchw_contiguous(grad, ctx.backend), None
 
 
+class _Subsample(torch.autograd.Function):
+    """Every stride-th row and column of a tensor's two spatial dims (from `dim`), copied contiguous; the gradient
+    goes back into one zeroed tensor of the input's shape (indexing's two slices would zero and copy twice)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, dim: int, stride: list[int]) -> torch.Tensor:
+        return x[_spatial_slices(dim, stride)].contiguous()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, ctx.dim, ctx.stride = inputs
+        ctx.shape = x.shape
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_input = grad.new_zeros(ctx.shape)
+        grad_input[_spatial_slices(ctx.dim, ctx.stride)] = grad
+        return grad_input, None, None
+
+
+def _spatial_slices(dim: int, stride: list[int]) -> tuple:
+    return (slice(None),) * dim + (slice(None, None, stride[0]), slice(None, None, stride[1]))
+
+
 # The C++ kernels run an fp32 batch wider than this as contiguous (C, H, W, 64) chunks, each transposed straight from
 # an NCHW view (csrc/cpu/sparse_conv2d.cpp).
 _CPP_BATCH_CHUNK = 64
@@ -291,6 +315,17 @@ def sparse_conv2d(input: torch.Tensor, weight: SparseMatrix, kernel_size, bias: 
         raise ValueError(f"sparse_conv2d: bias must be ({weight.shape[0]},) {weight.dtype} on {weight.device}, got "
                          f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
     chosen = resolve_backend(backend, input_t.device, "sparse_conv2d")
+    if kernel_size == [1, 1] and padding == [0, 0] and stride != [1, 1] and min(stride) >= 1:
+        # a strided 1x1 convolution reads only every stride-th row and column: it is the stride-1 convolution of
+        # that subsample. Copying the subsample (a plain strided copy, autograd scatters its gradient back) keeps
+        # the kernels' layout change and input gradient to the positions read (ResNet-18's downsample: 3/4 of its
+        # input is never read)
+        if channels_last_batch:
+            input_t = _Subsample.apply(input_t, 1, stride)
+        else:
+            input = _Subsample.apply(input, 2, stride)
+            input_t = input.permute(1, 2, 3, 0)
+        stride, dilation = [1, 1], [1, 1]
     if not channels_last_batch and input.is_contiguous() and input.device.type == "cpu" and input.numel():
         # NCHW: the input's gradient goes back in NCHW (left a (C, H, W, N) view, the caller's next op would copy it
         # with torch's slow transposing loop); the input itself is still read, and kept for the weight gradient, as a

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fedspa_kernels as fk
 from tests.helpers import backend_device_params, poison_allocator
@@ -426,6 +427,46 @@ def test_a_strided_1x1_conv_in_the_kernels_layout_matches_dense(backend, device)
     _dense_conv(x64, S, (1, 1), None, (2, 3), 0, 1).backward(grad.permute(3, 0, 1, 2).double())
     _close(x.grad, x64.grad, 2e-5)
     assert torch.all(x.grad[:, :, 1::2] == 0) and torch.all(x.grad[:, :, :, 1::3] == 0)  # pixels never read
+
+
+class _FedspaCalls(TorchDispatchMode):
+    """Records the fedspa ops called below autograd, with their arguments' shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, list]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fedspa":
+            self.calls.append((func.__name__.split(".")[0],
+                               [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("channels_last_batch", [False, True])
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_a_strided_1x1_conv_runs_the_kernels_on_its_subsample_only(backend, device, channels_last_batch):
+    """A 1x1 convolution with stride s reads every s-th row and column only: the kernels get that subsample at
+    stride 1, so neither the input's layout change nor its gradient touches the positions never read."""
+    S = _sparse_weight(6, 4, (1, 1), 0.5, torch.float32, device)
+    x = torch.randn(5, 4, 9, 12, device=device, requires_grad=True)
+    with _FedspaCalls() as seen:
+        out = fk.sparse_conv2d(x.permute(1, 2, 3, 0) if channels_last_batch else x, S, 1, None, (2, 3),
+                               backend=backend, channels_last_batch=channels_last_batch)
+        out = out.permute(3, 0, 1, 2) if channels_last_batch else out
+        grad = torch.randn_like(out)
+        out.backward(grad)
+    forward = [args for name, args in seen.calls if name == "sparse_conv2d_autograd"]
+    assert len(forward) == 1 and forward[0][3] == (4, 5, 4, 5) and forward[0][5] == [1, 1], forward
+    input_grads = [args for name, args in seen.calls if name == "sparse_conv2d_input_grad"]  # native backends
+    assert len(input_grads) == (backend in ("cpp", "cuda")), seen.calls
+    assert all(args[4] == [4, 5, 4] and args[5] == [1, 1] for args in input_grads), input_grads
+    x64 = x.detach().double().requires_grad_()
+    expected = _dense_conv(x64, S, (1, 1), None, (2, 3), 0, 1)
+    _close(out, expected, 2e-5)
+    expected.backward(grad.double())
+    _close(x.grad, x64.grad, 2e-5)
+    assert x.grad.shape == x.shape and torch.all(x.grad[:, :, 1::2] == 0) and torch.all(x.grad[:, :, :, 1::3] == 0)
 
 
 # (in_c, out_c, (H, W), kernel, stride, padding, dilation): the weight gradient's cases. The C++ kernel sums an
