@@ -1,5 +1,6 @@
 """ms per call of each C++ sparse-convolution kernel alone (forward, input gradient, weight gradient) on ResNet-18's
-stage-1 layer (64 -> 64 channels, 32x32, 3x3, padding 1) and its 1x1 stride-2 downsample (64 -> 128), activations
+stage-1 layer (64 -> 64 channels, 32x32, 3x3, padding 1), its 1x1 stride-2 downsample (64 -> 128) and, with
+``--shapes``, its stage-2 (64 -> 128, 3x3 stride 2) and stage-3 (256 -> 256, 8x8) layers, activations
 already in the kernels' contiguous (C, H, W, N) layout, fixed random patterns; median of 11 calls after one warm-up,
 with ``fedspa.device.keep_freed_memory`` (as ``fedspa train``), 1 thread by default.
 
@@ -23,7 +24,8 @@ import fedspa_kernels as fk
 from fedspa_kernels.ops import sparse_conv2d as sc
 
 # (name, in channels, out channels, input size, kernel, stride, padding)
-SHAPES = [("stage1", 64, 64, 32, 3, 1, 1), ("downsample", 64, 128, 32, 1, 2, 0)]
+SHAPES = {"stage1": (64, 64, 32, 3, 1, 1), "downsample": (64, 128, 32, 1, 2, 0), "stage2": (64, 128, 32, 3, 2, 1),
+          "stage3": (256, 256, 8, 3, 1, 1)}
 
 
 def median_ms(call) -> float:
@@ -41,7 +43,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--densities", default="0.05,0.1,0.2,0.5")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shapes", default="stage1,downsample", help=f"of {', '.join(SHAPES)}")
     args = parser.parse_args()
+    shapes = args.shapes.split(",")
+    if unknown := [name for name in shapes if name not in SHAPES]:
+        parser.error(f"unknown shapes {unknown}: known {list(SHAPES)}")
     if not fk.available_backends()["cpp"]:
         raise SystemExit("conv_kernel_times.py: the cpp backend is not built")
     torch.set_num_threads(args.threads)
@@ -49,7 +55,8 @@ def main() -> None:
     print(f"{fk.__file__}: torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}")
     print("| layer | d | forward ms | input grad ms | weight grad ms |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, cin, cout, size, k, stride, pad in SHAPES:
+    for name in shapes:
+        cin, cout, size, k, stride, pad = SHAPES[name]
         generator = torch.Generator().manual_seed(0)
         out_size = (size + 2 * pad - k) // stride + 1
         geometry = ([k, k], [stride, stride], [pad, pad], [1, 1])

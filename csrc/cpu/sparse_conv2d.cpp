@@ -323,11 +323,16 @@ void input_grad_impl(const T* values_t, const int64_t* tcrow, const int32_t* tco
 
 #if defined(FEDSPA_X86_DISPATCH)
 // Stride 1: one input channel's nonzeros as a flat list, each with the grad_output offset it reads at input position
-// (0, 0) (in the (ky, kx, o) order of the loop below, so the sums are the same). At an input position whose every tap
-// lands inside grad_output the loop over them is one run of known length; the nested loop's short inner runs (about
-// 3 nonzeros per tap at d = 0.05) cost a mispredicted exit each. ResNet-18 stage 1, 1 thread, three alternating runs:
-// 1.26-1.39x faster at d = 0.05 (batch 32), 1.10-1.20x at d <= 0.1 (batch 128), 1.02-1.06x at 0.5
-// (benchmarks/results/conv_backward_kernels_2026-12-07.md).
+// (0, 0). At an input position whose every tap lands inside grad_output the loop over them is one run of known
+// length; the nested loop's short inner runs (about 3 nonzeros per tap at d = 0.05) cost a mispredicted exit each.
+// ResNet-18 stage 1, 1 thread, three alternating runs: 1.26-1.39x faster at d = 0.05 (batch 32), 1.10-1.20x at
+// d <= 0.1 (batch 128), 1.02-1.06x at 0.5 (benchmarks/results/conv_backward_kernels_2026-12-07.md).
+// The list is sorted by offset, i.e. by output channel and then tap: consecutive entries read neighbouring positions
+// of one grad_output plane, as the forward's taps (sorted by input channel) read one input plane. In the (ky, kx, o)
+// order each entry jumped to another plane; at batch 32 (1 thread, three alternating runs) the sorted list made the
+// input gradient 1.6-2.0x faster at d = 0.5 and 1.3-1.7x at d = 0.2 on stage 1 and stage 3
+// (benchmarks/results/conv_backward_kernels_2026-12-07b.md). Border positions keep the nested loop's order, so a
+// position's sum is ordered differently inside and at the border (both are the same sum up to rounding).
 struct FlatEntry {
   float w;
   int64_t offset;
@@ -347,6 +352,8 @@ std::vector<std::vector<FlatEntry>> flat_entries(const float* values_t, const in
         }
       }
     }
+    std::stable_sort(flat[c].begin(), flat[c].end(),
+                     [](const FlatEntry& a, const FlatEntry& b) { return a.offset < b.offset; });
   }
   return flat;
 }
