@@ -214,3 +214,10 @@ def test_conv_kernel_times_smoke():
     result = _run(["benchmarks/conv_kernel_times.py", "--batch", "2", "--densities", "0.5"], {})
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| stage1 |", "| downsample |"))]
     assert len(rows) == 2 and all(float(cell) > 0 for row in rows for cell in row.split("|")[3:6])
+    result = _run(["benchmarks/conv_kernel_times.py", "--batch", "2", "--densities", "0.5", "--shapes",
+                   "stage2,stage3"], {})
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| stage2 |", "| stage3 |"))]
+    assert len(rows) == 2 and all(float(cell) > 0 for row in rows for cell in row.split("|")[3:6])
+    unknown = subprocess.run([sys.executable, "benchmarks/conv_kernel_times.py", "--shapes", "stage9"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert unknown.returncode == 2 and "stage9" in unknown.stderr
