@@ -322,12 +322,15 @@ void input_grad_impl(const T* values_t, const int64_t* tcrow, const int32_t* tco
 }
 
 #if defined(FEDSPA_X86_DISPATCH)
-// Stride 1: one input channel's nonzeros as a flat list, each with the grad_output offset it reads at input position
-// (0, 0). At an input position whose every tap lands inside grad_output the loop over them is one run of known
-// length; the nested loop's short inner runs (about 3 nonzeros per tap at d = 0.05) cost a mispredicted exit each.
-// ResNet-18 stage 1, 1 thread, three alternating runs: 1.26-1.39x faster at d = 0.05 (batch 32), 1.10-1.20x at
-// d <= 0.1 (batch 128), 1.02-1.06x at 0.5 (benchmarks/results/conv_backward_kernels_2026-12-07.md).
-// The list is sorted by offset, i.e. by output channel and then tap: consecutive entries read neighbouring positions
+// One input channel's nonzeros as flat lists, each entry with the grad_output offset it reads. Input row iy reads the
+// taps ky with ky * dh = (iy + ph) (mod sh), at output row (iy + ph) / sh - (ky * dh) / sh: the taps split into sh
+// residue classes per axis (one for stride 1), and within a class an entry's offset from the position's base
+// ((iy + ph) / sh, (ix + pw) / sw) is fixed. At an input position whose every tap of its class lands inside
+// grad_output the loop over them is one run of known length; the nested loop's short inner runs (about 3 nonzeros
+// per tap at d = 0.05) cost a mispredicted exit each. Stride 1, ResNet-18 stage 1, 1 thread, three alternating runs:
+// 1.26-1.39x faster at d = 0.05 (batch 32), 1.10-1.20x at d <= 0.1 (batch 128), 1.02-1.06x at 0.5
+// (benchmarks/results/conv_backward_kernels_2026-12-07.md); the strided classes: conv_backward_kernels_2026-12-07c.md.
+// Each list is sorted by offset, i.e. by output channel and then tap: consecutive entries read neighbouring positions
 // of one grad_output plane, as the forward's taps (sorted by input channel) read one input plane. In the (ky, kx, o)
 // order each entry jumped to another plane; at batch 32 (1 thread, three alternating runs) the sorted list made the
 // input gradient 1.6-2.0x faster at d = 0.5 and 1.3-1.7x at d = 0.2 on stage 1 and stage 3
@@ -338,44 +341,81 @@ struct FlatEntry {
   int64_t offset;
 };
 
-std::vector<std::vector<FlatEntry>> flat_entries(const float* values_t, const int64_t* tcrow, const int32_t* tcol,
-                                                 const Geometry& g) {
-  std::vector<std::vector<FlatEntry>> flat(g.C);
+// The taps of one residue class along one axis: their output-row (or column) steps back from the base, lo..hi
+// (hi < lo: the class has no tap, and its positions receive no gradient).
+struct ResidueSteps {
+  int64_t lo = 0, hi = -1;
+};
+
+struct FlatLists {
+  std::vector<ResidueSteps> rows, cols;       // by (iy + ph) % sh, by (ix + pw) % sw
+  std::vector<std::vector<FlatEntry>> lists;  // [c * sh * sw + row class * sw + column class]
+};
+
+std::vector<ResidueSteps> residue_steps(int64_t k, int64_t d, int64_t s) {
+  std::vector<ResidueSteps> steps(s);
+  for (int64_t t = 0; t < k; ++t) {
+    ResidueSteps& r = steps[(t * d) % s];
+    const int64_t step = (t * d) / s;
+    if (r.hi < r.lo) {
+      r.lo = r.hi = step;
+    } else {
+      r.lo = std::min(r.lo, step);
+      r.hi = std::max(r.hi, step);
+    }
+  }
+  return steps;
+}
+
+FlatLists flat_lists(const float* values_t, const int64_t* tcrow, const int32_t* tcol, const Geometry& g) {
+  FlatLists flat{residue_steps(g.kh, g.dh, g.sh), residue_steps(g.kw, g.dw, g.sw),
+                 std::vector<std::vector<FlatEntry>>(g.C * g.sh * g.sw)};
   const int64_t plane = g.OH * g.OW * g.N;
   for (int64_t c = 0; c < g.C; ++c) {
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       for (int64_t kx = 0; kx < g.kw; ++kx) {
         const int64_t j = (c * g.kh + ky) * g.kw + kx;
-        const int64_t shift = ((g.ph - ky * g.dh) * g.OW + g.pw - kx * g.dw) * g.N;
+        std::vector<FlatEntry>& list =
+            flat.lists[(c * g.sh + (ky * g.dh) % g.sh) * g.sw + (kx * g.dw) % g.sw];
+        const int64_t shift = -(((ky * g.dh) / g.sh) * g.OW + (kx * g.dw) / g.sw) * g.N;
         for (int64_t t = tcrow[j]; t < tcrow[j + 1]; ++t) {
-          flat[c].push_back({values_t[t], static_cast<int64_t>(tcol[t]) * plane + shift});
+          list.push_back({values_t[t], static_cast<int64_t>(tcol[t]) * plane + shift});
         }
       }
     }
-    std::stable_sort(flat[c].begin(), flat[c].end(),
-                     [](const FlatEntry& a, const FlatEntry& b) { return a.offset < b.offset; });
+  }
+  for (std::vector<FlatEntry>& list : flat.lists) {
+    std::stable_sort(list.begin(), list.end(), [](const FlatEntry& a, const FlatEntry& b) {
+      return a.offset < b.offset;
+    });
   }
   return flat;
 }
 
 // The same loop with the batch block in AVX2 registers (the portable loop above is the reference shape).
-template <int V, bool kFlat>
+template <int V>
 __attribute__((target("avx2,fma"))) void input_grad_block_avx2(const float* values_t, const int64_t* tcrow,
                                                                const int32_t* tcol, const float* gout, float* gin,
-                                                               const Geometry& g,
-                                                               const std::vector<FlatEntry>* flat, int64_t c,
+                                                               const Geometry& g, const FlatLists& flat, int64_t c,
                                                                int64_t n0, int64_t iy_begin, int64_t iy_end) {
-  // kFlat (stride 1, `flat` given): the input positions whose every tap lands inside grad_output
-  const int64_t ylo = (g.kh - 1) * g.dh - g.ph, yhi = g.OH - 1 - g.ph;
-  const int64_t xlo = (g.kw - 1) * g.dw - g.pw, xhi = g.OW - 1 - g.pw;
-  for (int64_t iy = iy_begin; iy < iy_end; ++iy) {
-    const bool row_inside = kFlat && iy >= ylo && iy <= yhi;
-    for (int64_t ix = 0; ix < g.W; ++ix) {
+  // inside: every tap of the position's class lands inside grad_output (a class without taps counts as inside)
+  const auto inside = [](const ResidueSteps& r, int64_t base, int64_t size) {
+    return r.hi < r.lo || (base - r.hi >= 0 && base - r.lo <= size - 1);
+  };
+  // the base and class of (iy + ph) and (ix + pw), stepped along (no division per position)
+  int64_t qy = (iy_begin + g.ph) / g.sh, ry = (iy_begin + g.ph) % g.sh;
+  for (int64_t iy = iy_begin; iy < iy_end; ++iy, ry = ry + 1 == g.sh ? (++qy, 0) : ry + 1) {
+    const bool row_inside = inside(flat.rows[ry], qy, g.OH);
+    int64_t qx = g.pw / g.sw, rx = g.pw % g.sw;
+    for (int64_t ix = 0; ix < g.W; ++ix, rx = rx + 1 == g.sw ? (++qx, 0) : rx + 1) {
       Acc8<V> acc;
       acc.zero();
-      if (row_inside && ix >= xlo && ix <= xhi) {
-        const float* at = gout + (iy * g.OW + ix) * g.N + n0;
-        for (const FlatEntry& e : *flat) acc.fma(e.w, at + e.offset);
+      if (row_inside && inside(flat.cols[rx], qx, g.OW)) {
+        const std::vector<FlatEntry>& list = flat.lists[(c * g.sh + ry) * g.sw + rx];
+        if (!list.empty()) {
+          const float* at = gout + (qy * g.OW + qx) * g.N + n0;
+          for (const FlatEntry& e : list) acc.fma(e.w, at + e.offset);
+        }
         acc.store(gin + ((c * g.H + iy) * g.W + ix) * g.out_ld + n0);
         continue;
       }
@@ -413,8 +453,7 @@ void input_grad_dispatch(const T* values_t, const int64_t* tcrow, const int32_t*
       const int64_t rows = worth_tiling(g.O, g.OH, g.OW, width, sizeof(float))
                                ? tile_rows(g.O, g.OW, width, 1, span, g.H, blocks, sizeof(float)) : g.H;
       const int64_t tiles = (g.H + rows - 1) / rows;
-      const std::vector<std::vector<FlatEntry>> flat =
-          g.sh == 1 && g.sw == 1 ? flat_entries(values_t, tcrow, tcol, g) : std::vector<std::vector<FlatEntry>>{};
+      const FlatLists flat = flat_lists(values_t, tcrow, tcol, g);
       // tasks in (tile, batch block, channel) order: a thread's contiguous share walks a tile's channels
       at::parallel_for(0, tiles * blocks * g.C, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t task = t0; task < t1; ++task) {
@@ -427,11 +466,7 @@ void input_grad_dispatch(const T* values_t, const int64_t* tcrow, const int32_t*
             int64_t n = n0;
             const auto run = [&](auto vectors) {
               constexpr int V = decltype(vectors)::value;
-              if (flat.empty()) {  // strided: the nested loop alone (with the flat check inside it, 4-7% slower)
-                input_grad_block_avx2<V, false>(values_t, tcrow, tcol, gout, gin, g, nullptr, c, n, iy0, iy1);
-              } else {
-                input_grad_block_avx2<V, true>(values_t, tcrow, tcol, gout, gin, g, &flat[c], c, n, iy0, iy1);
-              }
+              input_grad_block_avx2<V>(values_t, tcrow, tcol, gout, gin, g, flat, c, n, iy0, iy1);
               n += 8 * V;
             };
             if (here == 64) {
