@@ -219,7 +219,8 @@ class _Subsample(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, dim: int, stride: list[int]) -> torch.Tensor:
-        return x[_spatial_slices(dim, stride)].contiguous()
+        # always a copy: a 1x1 subsample is contiguous already, and a view of the input must not leave the Function
+        return x[_spatial_slices(dim, stride)].clone(memory_format=torch.contiguous_format)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

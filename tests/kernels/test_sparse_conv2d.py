@@ -469,6 +469,24 @@ def test_a_strided_1x1_conv_runs_the_kernels_on_its_subsample_only(backend, devi
     assert x.grad.shape == x.shape and torch.all(x.grad[:, :, 1::2] == 0) and torch.all(x.grad[:, :, :, 1::3] == 0)
 
 
+@pytest.mark.parametrize("hw", [(1, 1), (2, 1)])
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_a_strided_1x1_conv_of_a_one_pixel_wide_input(backend, device, hw):
+    """The subsample of a 1-pixel-wide input is contiguous already: it is still a copy (the input's gradient and
+    storage stay the caller's), and the results match the dense convolution."""
+    S = _sparse_weight(6, 4, (1, 1), 0.5, torch.float32, device)
+    x = torch.randn(3, 4, *hw, device=device, requires_grad=True)
+    out = fk.sparse_conv2d(x, S, 1, None, 2, backend=backend)
+    x64 = x.detach().double().requires_grad_()
+    expected = _dense_conv(x64, S, (1, 1), None, (2, 2), 0, 1)
+    _close(out, expected, 2e-5)
+    assert out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad.double())
+    _close(x.grad, x64.grad, 2e-5)
+
+
 # (in_c, out_c, (H, W), kernel, stride, padding, dilation): the weight gradient's cases. The C++ kernel sums an
 # output channel's nonzeros together, up to 8 at a time across input channels, over the positions where all of them
 # land inside the input, then each over the rest of its own positions.
