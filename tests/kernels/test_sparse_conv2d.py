@@ -355,6 +355,22 @@ def _activation(shape, batch, layout, device):
     return torch.randn(c, h, w + 3, 2 * batch, device=device)[:, :, 1:1 + w, ::2]
 
 
+class _FedspaCalls(TorchDispatchMode):
+    """Records the fedspa ops called below autograd, with their arguments' shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, list]] = []
+        self.raw: list[tuple[str, tuple]] = []  # the same calls with their arguments themselves
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fedspa":
+            self.calls.append((func.__name__.split(".")[0],
+                               [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]))
+            self.raw.append((func.__name__.split(".")[0], args))
+        return func(*args, **(kwargs or {}))
+
+
 # fp32 batches wider than 64 run in the C++ kernels as contiguous 64-wide chunks: two whole chunks and a 2-wide tail;
 # one whole chunk and a 36-wide tail (not a multiple of 8). The weight gradient of (C, H, W, N) operands goes in
 # chunks only above 256 KB planes: the 24x23 geometry at batch 130 (287 KB) does, at 100 (220 KB) it does not.
@@ -386,29 +402,55 @@ def test_wide_batches_match_the_references_in_every_layout(backend, device, geom
     _close(weight_grad.kernel(backend)(grad_out_t, x_t, S.crow_indices, S.col_indices, *geo), ref_w, 2e-5)
 
 
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[2]],
+                         ids=lambda g: "x".join(map(str, g[2] + g[3] + g[4])))
+@pytest.mark.parametrize("batch", [100, 130])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("backend,device", [p for p in PARAMS if p.values[0] == "cpp"])
-def test_a_wide_nchw_batch_trains_like_the_dense_conv(backend, device, dtype):
-    """An NCHW batch of 100 through autograd: fp32 hands the kernels the gradient's NCHW view to chunk, fp64 one
-    transposed copy; output, input gradient (in NCHW), weight and bias gradients match the dense convolution."""
-    S = _sparse_weight(5, 3, (3, 3), 0.4, dtype, device)
+def test_a_wide_nchw_batch_trains_like_the_dense_conv(backend, device, dtype, batch, geometry):
+    """An NCHW batch of 100 (a 64-wide chunk and a 36-wide tail) or 130 (two chunks and a 2-wide tail) through
+    autograd: fp32 runs the backward chunk by chunk, fp64 on one transposed copy; output, input gradient (in NCHW),
+    weight and bias gradients match the dense convolution."""
+    in_c, out_c, hw, kernel, stride, padding, dilation = geometry
+    S = _sparse_weight(out_c, in_c, kernel, 0.4, dtype, device)
     values = S.values.detach().clone().requires_grad_()
     weight = S.with_values(values)
-    bias = torch.randn(5, dtype=dtype, device=device, requires_grad=True)
-    x = torch.randn(100, 3, 9, 11, dtype=dtype, device=device, requires_grad=True)
-    out = fk.sparse_conv2d(x, weight, 3, bias, 1, 1, backend=backend)
-    expected = _dense_conv(x, S, (3, 3), bias, 1, 1, 1)
+    bias = torch.randn(out_c, dtype=dtype, device=device, requires_grad=True)
+    x = torch.randn(batch, in_c, *hw, dtype=dtype, device=device, requires_grad=True)
+    out = fk.sparse_conv2d(x, weight, kernel, bias, stride, padding, dilation, backend=backend)
+    expected = _dense_conv(x, S, kernel, bias, stride, padding, dilation)
     _close(out, expected, 2e-5)
     dy = torch.randn(out.shape, dtype=dtype, device=device)
+    poison_allocator(x.numel(), dtype, device)
     out.backward(dy)
     x64 = x.detach().double().requires_grad_()
-    w64 = S.to_dense().double().view(5, 3, 3, 3).requires_grad_()
+    w64 = S.to_dense().double().view(out_c, in_c, *kernel).requires_grad_()
     b64 = bias.detach().double().requires_grad_()
-    F.conv2d(x64, w64, b64, 1, 1).backward(dy.double())
+    F.conv2d(x64, w64, b64, stride, padding, dilation).backward(dy.double())
     assert x.grad.is_contiguous()
     _close(x.grad, x64.grad, 2e-5)
-    _close(values.grad, w64.grad.reshape(5, -1)[S.mask()], 2e-5)
+    _close(values.grad, w64.grad.reshape(out_c, -1)[S.mask()], 2e-5)
     _close(bias.grad, b64.grad, 2e-5)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in PARAMS if p.values[0] == "cpp"])
+def test_a_wide_nchw_batch_transposes_each_output_gradient_chunk_once(backend, device):
+    """The backward of an NCHW fp32 batch wider than 64 hands both gradient kernels the same transposed 64-wide chunk
+    of the output gradient (each kernel alone would transpose it again), and the input gradient's chunks go into
+    one NCHW tensor, never a whole (C, H, W, N) one."""
+    S = _sparse_weight(5, 3, (3, 3), 0.4, torch.float32, device)
+    x = torch.randn(130, 3, 9, 11, device=device, requires_grad=True)
+    values = S.values.detach().clone().requires_grad_()
+    with _FedspaCalls() as seen:
+        out = fk.sparse_conv2d(x, S.with_values(values), 3, None, 1, 1, backend=backend)
+        out.backward(torch.randn(out.shape, device=device))  # an NCHW gradient (randn_like: the output's layout)
+    weight_grads = [args for name, args in seen.raw if name == "sparse_conv2d_weight_grad"]
+    input_grads = [args for name, args in seen.raw if name == "sparse_conv2d_input_grad"]
+    assert [a[0].shape[3] for a in weight_grads] == [64, 64, 2], seen.calls
+    assert [a[3].data_ptr() for a in input_grads] == [a[0].data_ptr() for a in weight_grads]
+    assert all(a[0].is_contiguous() for a in weight_grads)
+    assert not [args for name, args in seen.calls if name == "transpose_copy" and args[0] == (130, 3 * 9 * 11)]
+    assert not [args for name, args in seen.calls if name == "transpose_copy" and args[0] == (3 * 9 * 11, 130)]
 
 
 @pytest.mark.parametrize("backend,device", PARAMS)
@@ -427,20 +469,6 @@ def test_a_strided_1x1_conv_in_the_kernels_layout_matches_dense(backend, device)
     _dense_conv(x64, S, (1, 1), None, (2, 3), 0, 1).backward(grad.permute(3, 0, 1, 2).double())
     _close(x.grad, x64.grad, 2e-5)
     assert torch.all(x.grad[:, :, 1::2] == 0) and torch.all(x.grad[:, :, :, 1::3] == 0)  # pixels never read
-
-
-class _FedspaCalls(TorchDispatchMode):
-    """Records the fedspa ops called below autograd, with their arguments' shapes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, list]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "fedspa":
-            self.calls.append((func.__name__.split(".")[0],
-                               [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("channels_last_batch", [False, True])
