@@ -274,7 +274,8 @@ class _BatchInnermost(torch.autograd.Function):
 class SparseLayoutMaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` (same results, gradients and indices) that keeps the sparse convolutions' activation layout.
 
-    SparseConv2d computes in (C, H, W, N) and returns that memory as an (N, C, H, W) view; a plain max_pool2d would
+    SparseConv2d computes in (C, H, W, N) and, given an input in that layout, returns its output as an (N, C, H, W)
+    view of that memory (an NCHW input gets NCHW); a plain max_pool2d would
     copy it back to NCHW (its kernel for that layout is a slow generic loop) and the next sparse layer would copy it
     again. Here the (C, H, W, N) memory is pooled as the channels-last (C, N, H, W) tensor it also is, with torch's
     vectorized channels-last kernel, so the output is again (C, H', W', N) in memory: ReLU keeps that layout,

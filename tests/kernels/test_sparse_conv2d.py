@@ -145,8 +145,8 @@ def test_noncontiguous_inputs_and_channels_last_batch(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", PARAMS)
-def test_an_nchw_input_gets_its_gradient_in_nchw(backend, device):
-    """The kernels work in (C, H, W, N); an NCHW caller gets its input gradient back in NCHW, the layout of its
+def test_an_nchw_input_gets_its_output_and_gradient_in_nchw(backend, device):
+    """The kernels work in (C, H, W, N); an NCHW caller gets its output and its input gradient in NCHW, the layout of its
     tensor (left in (C, H, W, N), autograd's leaf accumulation or the caller's elementwise backward ops copy it with
     torch's slow transposing loop: 47 ms at 128 x 64 x 32 x 32 on one thread). Values as before, for an NCHW
     gradient of the output and for one in the kernels' layout."""
@@ -155,6 +155,11 @@ def test_an_nchw_input_gets_its_gradient_in_nchw(backend, device):
     x = torch.randn(5, 3, 7, 9, device=device, requires_grad=True)
     out = fk.sparse_conv2d(x, S, 3, bias, padding=1, backend=backend)
     _close(out, _dense_conv(x.detach(), S, (3, 3), bias, 1, 1, 1), 2e-5)
+    if device == "cpu":
+        assert out.is_contiguous(), out.stride()  # NCHW out too (the next op, e.g. a GroupNorm, reads NCHW fast)
+        from_kernels_layout = fk.sparse_conv2d(x.detach().permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2), S, 3,
+                                               bias, padding=1, backend=backend)
+        assert from_kernels_layout.permute(1, 2, 3, 0).is_contiguous(), from_kernels_layout.stride()  # stays so
     w = S.to_dense().view(4, 3, 3, 3)
     for upstream in (torch.randn(out.shape, device=device),
                      torch.randn(4, 7, 9, 5, device=device).permute(3, 0, 1, 2)):
