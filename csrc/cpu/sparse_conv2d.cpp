@@ -167,6 +167,55 @@ __attribute__((target("avx2,fma"))) void forward_position_all_avx2(const std::ve
   }
 }
 
+// Two neighbouring output positions (x0 and x0 + sw, both with every tap inside the input) at once, for batch blocks
+// narrower than 64: one accumulator of V vectors per position is V chains of dependent fused multiply-adds, too few
+// (V < 8) to hide the multiply-add's latency; two positions double them and share each tap's decode and broadcast.
+// Batch 32, 1 thread, three alternating runs: 1.04-1.22x at d = 0.5 on ResNet-18's stages 1 and 3 (the input
+// gradient's pairs 1.04-1.16x), nothing measurable at d <= 0.1 (benchmarks/results/conv_kernels_2026-12-07d.md).
+template <int V>
+__attribute__((target("avx2,fma"))) inline void forward_pair_avx2(const std::vector<Tap<float>>& taps,
+                                                                  const float* in, float* dst, const Geometry& g,
+                                                                  int64_t y0, int64_t x0, int64_t n) {
+  Acc8<V> first, second;
+  first.zero();
+  second.zero();
+  const int64_t shift = (y0 * g.W + x0) * g.N + n;
+  const int64_t step = g.sw * g.N;
+  for (const Tap<float>& t : taps) {
+    const float* src = in + t.base * g.N + shift;
+    first.fma(t.w, src);
+    second.fma(t.w, src + step);
+  }
+  first.store(dst + n);
+  second.store(dst + g.out_ld + n);
+}
+
+__attribute__((target("avx2,fma"))) void forward_pair_all_avx2(const std::vector<Tap<float>>& taps, const float* in,
+                                                               float* dst, const Geometry& g, int64_t y0, int64_t x0,
+                                                               int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 64 <= n1; n += 64) {
+    forward_position_avx2<8, false>(taps, in, dst, g, y0, x0, n);
+    forward_position_avx2<8, false>(taps, in, dst + g.out_ld, g, y0, x0 + g.sw, n);
+  }
+  if (n + 32 <= n1) {
+    forward_pair_avx2<4>(taps, in, dst, g, y0, x0, n);
+    n += 32;
+  }
+  if (n + 16 <= n1) {
+    forward_pair_avx2<2>(taps, in, dst, g, y0, x0, n);
+    n += 16;
+  }
+  if (n + 8 <= n1) {
+    forward_pair_avx2<1>(taps, in, dst, g, y0, x0, n);
+    n += 8;
+  }
+  if (n < n1) {
+    forward_position_all_avx2<false>(taps, in, dst, g, y0, x0, n, n1);
+    forward_position_all_avx2<false>(taps, in, dst + g.out_ld, g, y0, x0 + g.sw, n, n1);
+  }
+}
+
 void forward_avx2(const std::vector<Tap<float>>& taps, const float* in, float* out, const Geometry& g, int64_t o,
                   int64_t n0, int64_t n1, int64_t oy_begin, int64_t oy_end) {
   // Output rows/columns whose every tap lands inside the input need no bounds checks.
@@ -185,7 +234,10 @@ void forward_avx2(const std::vector<Tap<float>>& taps, const float* in, float* o
       float* dst = out + ((o * g.OH + oy) * g.OW + ox) * g.out_ld;
       const int64_t y0 = oy * g.sh - g.ph;
       const int64_t x0 = ox * g.sw - g.pw;
-      if (row_inside && ox >= xlo && ox <= xhi) {
+      if (row_inside && ox >= xlo && ox + 1 <= xhi && n1 - n0 < 64) {
+        forward_pair_all_avx2(taps, in, dst, g, y0, x0, n0, n1);
+        ++ox;
+      } else if (row_inside && ox >= xlo && ox <= xhi) {
         forward_position_all_avx2<false>(taps, in, dst, g, y0, x0, n0, n1);
       } else {
         forward_position_all_avx2<true>(taps, in, dst, g, y0, x0, n0, n1);
@@ -408,6 +460,24 @@ __attribute__((target("avx2,fma"))) void input_grad_block_avx2(const float* valu
     const bool row_inside = inside(flat.rows[ry], qy, g.OH);
     int64_t qx = g.pw / g.sw, rx = g.pw % g.sw;
     for (int64_t ix = 0; ix < g.W; ++ix, rx = rx + 1 == g.sw ? (++qx, 0) : rx + 1) {
+      // V < 8: two neighbouring positions of one class at once (stride-1 columns), as the forward's pairs
+      if (V < 8 && g.sw == 1 && row_inside && ix + 1 < g.W && inside(flat.cols[0], qx, g.OW) &&
+          inside(flat.cols[0], qx + 1, g.OW)) {
+        Acc8<V> first, second;
+        first.zero();
+        second.zero();
+        const float* at = gout + (qy * g.OW + qx) * g.N + n0;
+        for (const FlatEntry& e : flat.lists[c * g.sh + ry]) {
+          first.fma(e.w, at + e.offset);
+          second.fma(e.w, at + g.N + e.offset);
+        }
+        float* dst = gin + ((c * g.H + iy) * g.W + ix) * g.out_ld + n0;
+        first.store(dst);
+        second.store(dst + g.out_ld);
+        ++ix;
+        ++qx;
+        continue;
+      }
       Acc8<V> acc;
       acc.zero();
       if (row_inside && inside(flat.cols[rx], qx, g.OW)) {

@@ -350,6 +350,27 @@ def test_spatially_tiled_cpu_kernels_match_the_references(backend, device, geome
            2e-5)
 
 
+# Batch blocks narrower than 64 (whole 8-wide vectors: 8, 24 = 16 + 8, 32, 56 = 32 + 16 + 8) run two neighbouring
+# positions at once where both are inside: odd widths leave a last position alone, borders take the checked path.
+@pytest.mark.parametrize("batch", [8, 24, 32, 56])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g[2] + g[3] + g[4] + g[5] + g[6])))
+@pytest.mark.parametrize("backend,device", [p for p in PARAMS if p.values[0] == "cpp"])
+def test_narrow_batch_blocks_match_the_references(backend, device, geometry, batch):
+    in_c, out_c, hw, kernel, stride, padding, dilation = geometry
+    S = _sparse_weight(out_c, in_c, list(kernel), 0.5, torch.float32, device)
+    geo = (list(kernel), list(stride), list(padding), list(dilation))
+    x_t = torch.randn(in_c, *hw, batch, device=device)
+    forward, input_grad = OPS["forward"], OPS["input_grad"]
+    ref = forward.kernel("reference")(S.values, S.crow_indices, S.col_indices, x_t, *geo)
+    poison_allocator(ref.numel(), torch.float32, device)
+    _close(forward.kernel(backend)(S.values, S.crow_indices, S.col_indices, x_t, *geo), ref, 2e-5)
+    grad_out_t = torch.randn_like(ref)
+    ref_i = input_grad.kernel("reference")(S.values, S.crow_indices, S.col_indices, grad_out_t, [in_c, *hw], *geo)
+    poison_allocator(ref_i.numel(), torch.float32, device)
+    _close(input_grad.kernel(backend)(S.values, S.crow_indices, S.col_indices, grad_out_t, [in_c, *hw], *geo), ref_i,
+           2e-5)
+
+
 def _activation(shape, batch, layout, device):
     """A (C, H, W, N) activation: contiguous, an NCHW tensor's permuted view, or strided in width and batch."""
     if layout == "contiguous":
