@@ -221,3 +221,10 @@ def test_conv_kernel_times_smoke():
     unknown = subprocess.run([sys.executable, "benchmarks/conv_kernel_times.py", "--shapes", "stage9"],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert unknown.returncode == 2 and "stage9" in unknown.stderr
+
+
+@pytest.mark.skipif(not fk.available_backends()["cpp"], reason="the cpp backend is not built")
+def test_conv_layout_step_smoke():
+    result = _run(["benchmarks/conv_layout_step.py", "--batch", "3", "--densities", "0.5", "--repeats", "2"], {})
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["step"] for r in rows] == ["conv", "conv+groupnorm+relu"] and all(r["ms"] > 0 for r in rows)
