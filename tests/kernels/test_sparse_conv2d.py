@@ -321,6 +321,20 @@ def test_nan_input_reaches_exactly_the_outputs_whose_taps_read_it(backend, devic
     torch.testing.assert_close(out, reference, equal_nan=True, rtol=2e-5, atol=2e-5)
 
 
+def _forward_and_input_grad_match_the_references(backend, device, S, x_t, geo):
+    """The forward on `x_t` and the input gradient of a random output gradient, each against its reference (fp32)."""
+    in_c, *hw = x_t.shape[:3]
+    forward, input_grad = OPS["forward"], OPS["input_grad"]
+    ref = forward.kernel("reference")(S.values, S.crow_indices, S.col_indices, x_t, *geo)
+    poison_allocator(ref.numel(), torch.float32, device)
+    _close(forward.kernel(backend)(S.values, S.crow_indices, S.col_indices, x_t, *geo), ref, 2e-5)
+    grad_out_t = torch.randn_like(ref)
+    ref_i = input_grad.kernel("reference")(S.values, S.crow_indices, S.col_indices, grad_out_t, [in_c, *hw], *geo)
+    poison_allocator(ref_i.numel(), torch.float32, device)
+    _close(input_grad.kernel(backend)(S.values, S.crow_indices, S.col_indices, grad_out_t, [in_c, *hw], *geo), ref_i,
+           2e-5)
+
+
 # operands beyond the CPU kernels' 4 MB tiling threshold: (in_c, out_c, (H, W), kernel, stride, padding, dilation, N)
 LARGE = [
     (16, 24, (45, 37), (3, 3), (1, 1), (1, 1), (1, 1), 72),  # two batch blocks, the second 8 wide
@@ -338,16 +352,8 @@ def test_spatially_tiled_cpu_kernels_match_the_references(backend, device, geome
     in_c, out_c, hw, kernel, stride, padding, dilation, batch = geometry
     S = _sparse_weight(out_c, in_c, list(kernel), 0.2, torch.float32, device)
     geo = (list(kernel), list(stride), list(padding), list(dilation))
-    x_t = torch.randn(in_c, *hw, batch, device=device)
-    forward, input_grad = OPS["forward"], OPS["input_grad"]
-    ref = forward.kernel("reference")(S.values, S.crow_indices, S.col_indices, x_t, *geo)
-    poison_allocator(ref.numel(), torch.float32, device)
-    _close(forward.kernel(backend)(S.values, S.crow_indices, S.col_indices, x_t, *geo), ref, 2e-5)
-    grad_out_t = torch.randn_like(ref)
-    ref_i = input_grad.kernel("reference")(S.values, S.crow_indices, S.col_indices, grad_out_t, [in_c, *hw], *geo)
-    poison_allocator(ref_i.numel(), torch.float32, device)
-    _close(input_grad.kernel(backend)(S.values, S.crow_indices, S.col_indices, grad_out_t, [in_c, *hw], *geo), ref_i,
-           2e-5)
+    _forward_and_input_grad_match_the_references(backend, device, S, torch.randn(in_c, *hw, batch, device=device),
+                                                 geo)
 
 
 # Batch blocks narrower than 64 (whole 8-wide vectors: 8, 24 = 16 + 8, 32, 56 = 32 + 16 + 8) run two neighbouring
@@ -359,16 +365,8 @@ def test_narrow_batch_blocks_match_the_references(backend, device, geometry, bat
     in_c, out_c, hw, kernel, stride, padding, dilation = geometry
     S = _sparse_weight(out_c, in_c, list(kernel), 0.5, torch.float32, device)
     geo = (list(kernel), list(stride), list(padding), list(dilation))
-    x_t = torch.randn(in_c, *hw, batch, device=device)
-    forward, input_grad = OPS["forward"], OPS["input_grad"]
-    ref = forward.kernel("reference")(S.values, S.crow_indices, S.col_indices, x_t, *geo)
-    poison_allocator(ref.numel(), torch.float32, device)
-    _close(forward.kernel(backend)(S.values, S.crow_indices, S.col_indices, x_t, *geo), ref, 2e-5)
-    grad_out_t = torch.randn_like(ref)
-    ref_i = input_grad.kernel("reference")(S.values, S.crow_indices, S.col_indices, grad_out_t, [in_c, *hw], *geo)
-    poison_allocator(ref_i.numel(), torch.float32, device)
-    _close(input_grad.kernel(backend)(S.values, S.crow_indices, S.col_indices, grad_out_t, [in_c, *hw], *geo), ref_i,
-           2e-5)
+    _forward_and_input_grad_match_the_references(backend, device, S, torch.randn(in_c, *hw, batch, device=device),
+                                                 geo)
 
 
 def _activation(shape, batch, layout, device):
