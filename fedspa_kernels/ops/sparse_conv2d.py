@@ -30,7 +30,7 @@ from .._checks import (check_conv_forward_inputs, check_conv_input_grad_inputs, 
                        output_hw, row_of_each_nonzero)
 from .._op import KernelOp, autograd_op
 from ..sparse_matrix import SparseMatrix
-from .transpose_copy import TRANSPOSE_COPY, batch_last, nchw_contiguous
+from .transpose_copy import batch_last, nchw_contiguous
 
 _CHUNK_ELEMENTS = 1 << 22  # the references' temporaries: at most this many products at a time
 _GEOMETRY = "int[] kernel_size, int[] stride, int[] padding, int[] dilation"
@@ -273,10 +273,9 @@ def _backward_in_nchw_chunks(ctx, grad, values, input_t, crow, col):
     d = 0.05, the training step, five alternating runs: 1 thread 119-127 ms (was 143-184), 2 threads 68-93 (was
     81-100)."""
     grad_nchw, input_nchw = grad.permute(3, 0, 1, 2), input_t.permute(3, 0, 1, 2)
-    batch, (channels, height, width) = grad.shape[3], ctx.input_chw
-    grad_input = grad.new_empty(batch, channels, height, width)
+    batch = grad.shape[3]
+    grad_input = grad.new_empty(batch, *ctx.input_chw)
     grad_values = None
-    transpose = TRANSPOSE_COPY.kernel(ctx.backend)
     for n0 in range(0, batch, _CPP_BATCH_CHUNK):
         n1 = min(n0 + _CPP_BATCH_CHUNK, batch)
         grad_chunk = batch_last(grad_nchw[n0:n1], ctx.backend)
@@ -285,7 +284,7 @@ def _backward_in_nchw_chunks(ctx, grad, values, input_t, crow, col):
         grad_values = part if grad_values is None else grad_values.add_(part)
         chunk_input_grad = SPARSE_CONV2D_INPUT_GRAD.kernel(ctx.backend)(values, crow, col, grad_chunk, ctx.input_chw,
                                                                         *ctx.geometry)
-        grad_input[n0:n1].copy_(transpose(chunk_input_grad.view(-1, n1 - n0)).view(n1 - n0, channels, height, width))
+        grad_input[n0:n1].copy_(nchw_contiguous(chunk_input_grad.permute(3, 0, 1, 2), ctx.backend))
     return grad_values, grad_input.permute(1, 2, 3, 0)
 
 
