@@ -228,3 +228,10 @@ def test_conv_layout_step_smoke():
     result = _run(["benchmarks/conv_layout_step.py", "--batch", "3", "--densities", "0.5", "--repeats", "2"], {})
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [r["step"] for r in rows] == ["conv", "conv+groupnorm+relu"] and all(r["ms"] > 0 for r in rows)
+
+
+def test_layer_choice_smoke():
+    result = _run(["benchmarks/layer_choice.py", "--conv", "4,6,5,2", "--batch", "3", "--density", "0.5",
+                   "--threads", "1", "--runs", "2"], {})
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 and all(r["choice"] in ("sparse", "masked") and r["ratio"] > 0 for r in rows)

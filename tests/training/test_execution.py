@@ -155,3 +155,43 @@ def test_personal_models_are_evaluated_on_the_layers_they_train_on(monkeypatch, 
 def test_a_near_tie_runs_dense_times_mask():
     assert Timing(0.95, 1.0).choice == "masked" and Timing(1.0, 1.0).choice == "masked"
     assert Timing(0.85, 1.0).choice == "sparse"
+
+
+def _fake_steps(monkeypatch, sparse: list[float], masked: list[float]) -> dict[str, int]:
+    """Make every timed step of a SparseLinear take the next of `sparse` ms, of dense x mask the next of `masked`
+    (the last value repeats); returns the steps taken per way."""
+    taken = {"sparse": 0, "masked": 0}
+
+    def fake_step(layer, x, grad):
+        way = "sparse" if isinstance(layer, SparseLinear) else "masked"
+        times = sparse if way == "sparse" else masked
+        taken[way] += 1
+        return times[min(taken[way], len(times)) - 1]
+
+    monkeypatch.setattr(execution, "_step_ms", fake_step)
+    return taken
+
+
+def test_a_few_slow_steps_do_not_change_the_choice(monkeypatch):
+    """Noise on a shared machine only ever adds time: a layer whose sparse step takes 6 ms against 10 ms dense x mask
+    runs sparse even when 3 of its 5 timed sparse steps were slowed by a neighbour (the median would say 12 ms)."""
+    taken = _fake_steps(monkeypatch, [6.0, 6.0, 12.0, 6.0, 12.0, 12.0], [10.0])  # the first step is the warm-up
+    timing = time_layer(nn.Linear(16, 8), torch.rand(8, 16) < 0.3, (4, 16), input_grad=True, repeats=5)
+    assert timing == Timing(6.0, 10.0) and timing.choice == "sparse"
+    assert taken == {"sparse": 6, "masked": 6}  # 0.6x is far from the margin: decided after 5 timed steps
+
+
+@pytest.mark.parametrize("sparse_ms", [7.7, 9.0, 10.3])
+def test_a_case_near_the_margin_is_timed_longer(monkeypatch, sparse_ms):
+    """Ratios within 15% of the 0.9 margin take 2 x 5 more steps per way; the fastest of all 15 decides."""
+    taken = _fake_steps(monkeypatch, [sparse_ms] * 6 + [sparse_ms - 2.0], [10.0])
+    timing = time_layer(nn.Linear(16, 8), torch.rand(8, 16) < 0.3, (4, 16), input_grad=True, repeats=5)
+    assert taken == {"sparse": 16, "masked": 16}
+    assert timing == Timing(sparse_ms - 2.0, 10.0) and timing.choice == "sparse"
+
+
+@pytest.mark.parametrize("sparse_ms", [7.6, 10.4])
+def test_a_case_clear_of_the_margin_is_not_timed_longer(monkeypatch, sparse_ms):
+    taken = _fake_steps(monkeypatch, [sparse_ms], [10.0])
+    time_layer(nn.Linear(16, 8), torch.rand(8, 16) < 0.3, (4, 16), input_grad=True, repeats=5)
+    assert taken == {"sparse": 6, "masked": 6}
