@@ -107,9 +107,15 @@ def _autograd_fake(values, crow_indices, col_indices, dense, transpose, cols, ba
     return dense.new_empty(cols if transpose else crow_indices.shape[0] - 1, dense.shape[1])
 
 
+def _column_major(t: torch.Tensor) -> bool:
+    """A 2-D tensor laid out as its transpose's contiguous memory (e.g. ``x.t()`` of a row-major x)."""
+    return t.dim() == 2 and t.shape[0] > 1 and t.shape[1] > 1 and t.stride(0) == 1 and t.stride(1) == t.shape[0]
+
+
 def _setup_context(ctx, inputs, output):
     values, crow, col, dense, transpose, cols, backend = inputs
     ctx.transpose, ctx.cols, ctx.backend = transpose, cols, backend
+    ctx.dense_column_major = _column_major(dense)
     ctx.save_for_backward(values if ctx.needs_input_grad[3] else None, dense if ctx.needs_input_grad[0] else None,
                           crow, col)
 
@@ -123,6 +129,8 @@ def _backward(ctx, grad):
         grad_values = torch.ops.fedspa.sddmm_autograd(a, bt, crow, col, ctx.backend)
     if ctx.needs_input_grad[3]:
         grad_dense = torch.ops.fedspa.spmm_autograd(values, crow, col, grad, not ctx.transpose, ctx.cols, ctx.backend)
+        if ctx.dense_column_major:  # the gradient in its operand's layout: a row-major x gets a row-major x.grad
+            grad_dense = torch.ops.fedspa.transpose_copy_autograd(grad_dense, ctx.backend).t()
     return grad_values, None, None, grad_dense, None, None, None
 
 
