@@ -2,9 +2,10 @@
 
 For every (layer shape, input shape, density, device, threads, versions) the client times one training step of the
 layer alone (forward, input gradient where the layer needs one, weight gradient) both ways, once, and keeps the
-faster. Each way's time is the fastest of its timed steps (noise from a shared machine only ever adds time), and a
-case whose two ways come out near the margin is timed three times as long before it is decided, so that a fresh
-cache on the same machine makes the same choice. Timings are cached in memory and on disk (``$FEDSPA_CACHE_DIR/layer_timings.json``, default
+faster. Each way's time is the fastest of its timed steps (noise from a shared machine only ever adds time), a
+case whose two ways come out near the margin is timed three times as long before it is decided, and every case is
+timed in two passes over the model's layers, keeping each way's faster time, so that neither a few slow steps nor
+one busy moment decides it. Timings are cached in memory and on disk (``$FEDSPA_CACHE_DIR/layer_timings.json``, default
 ``~/.cache/fedspa``), the way Triton caches its autotuning: a machine measures a layer case once, and every process
 using the cache (the clients of a simulation, the nodes of a Flower deployment on one machine) makes the same
 choice. The file is locked while a case is measured, so concurrent processes never disagree; a cache file that is
@@ -23,7 +24,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ DENSITY_STEP = 0.05  # densities are measured in buckets of this width (Sub-FedA
 REPEATS = 5  # timed steps per way (after one warm-up), the fastest taken
 SPARSE_MARGIN = 0.9  # a layer runs sparse when its sparse step takes at most this share of the dense x mask one
 BORDERLINE = 0.15  # a ratio within this share of the margin is timed with 3x the steps before it is decided
+PASSES = 2  # every new case is timed once per pass over the layers; each way keeps its fastest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,17 +225,30 @@ class TimingCache:
                 pass
             yield
 
-    def get(self, case: LayerCase, measure) -> Timing:
-        """The timing of `case`: from memory, else from the file, else `measure()` (then stored in both)."""
-        key = case.key()
-        if key in self.entries:
-            return self.entries[key]
-        with self._locked():
-            self.entries.update(self._read())
-            if key not in self.entries:
-                self.entries[key] = measure()
-                self._write()
-        return self.entries[key]
+    def get(self, case: LayerCase, measure: Callable[[], Timing]) -> Timing:
+        """The timing of `case`: from memory, else from the file, else measured (see :meth:`get_many`)."""
+        return self.get_many({"": (case, measure)})[""]
+
+    def get_many(self, requests: Mapping[str, tuple[LayerCase, Callable[[], Timing]]]) -> dict[str, Timing]:
+        """Name -> the timing of its case: from memory, else from the file, else measured and stored in both.
+        Cases not yet known are measured in ``PASSES`` passes, each calling every such case's `measure()` once (names
+        sharing a case share its measurement), and each way keeps its fastest time over the passes: two timings of
+        one case lie the other cases' measurements apart, so one busy moment of the machine does not decide it."""
+        keys = {name: case.key() for name, (case, _) in requests.items()}
+        if any(key not in self.entries for key in keys.values()):
+            with self._locked():
+                self.entries.update(self._read())
+                missing = {}
+                for name, key in keys.items():
+                    if key not in self.entries:
+                        missing.setdefault(key, requests[name][1])
+                if missing:
+                    passes = [{key: measure() for key, measure in missing.items()} for _ in range(PASSES)]
+                    for key in missing:
+                        self.entries[key] = Timing(min(p[key].sparse_ms for p in passes),
+                                                   min(p[key].masked_ms for p in passes))
+                    self._write()
+        return {name: self.entries[key] for name, key in keys.items()}
 
 
 _CACHES: dict[str, TimingCache] = {}
@@ -278,11 +293,11 @@ def fastest_sparse(model: nn.Module, masks: dict[str, torch.Tensor], batch: torc
             candidates[name] = (module_name, module, mask)
     if inputs is None:
         inputs = layer_inputs(model, [m for m, _, _ in candidates.values()], batch)
-    out = {}
+    requests = {}
     for name, (module_name, module, mask) in candidates.items():
         if module_name not in inputs:  # never reached in the forward: nothing to gain either way
             continue
         shape, input_grad = inputs[module_name]
         case = layer_case(module, mask, shape, input_grad)
-        out[name] = cache.get(case, functools.partial(time_layer, module, mask, shape, input_grad))
-    return out
+        requests[name] = (case, functools.partial(time_layer, module, mask, shape, input_grad))
+    return cache.get_many(requests)

@@ -55,7 +55,7 @@ def test_the_cache_measures_a_case_once_and_shares_it_through_the_file(tmp_path)
 
     assert TimingCache(path).get(case, measure).choice == "sparse"
     assert TimingCache(path).get(case, measure) == Timing(1.0, 2.0)  # another process: read from the file
-    assert len(calls) == 1
+    assert len(calls) == execution.PASSES  # measured in the first call only (once per pass)
     other = layer_case(module, mask, (8, 10), True)  # another batch is another case
     TimingCache(path).get(other, lambda: Timing(3.0, 1.0))
     assert len(json.loads(path.read_text())["entries"]) == 2
@@ -195,3 +195,31 @@ def test_a_case_clear_of_the_margin_is_not_timed_longer(monkeypatch, sparse_ms):
     taken = _fake_steps(monkeypatch, [sparse_ms], [10.0])
     time_layer(nn.Linear(16, 8), torch.rand(8, 16) < 0.3, (4, 16), input_grad=True, repeats=5)
     assert taken == {"sparse": 6, "masked": 6}
+
+
+def test_each_case_is_timed_in_two_passes_over_the_layers_and_the_faster_of_each_way_kept():
+    """A moment of contention on a shared machine can slow one layer's whole measurement (observed: ResNet-18's
+    128 -> 128 conv at 1.6-1.9x its usual sparse time for all its steps). Every case is therefore timed twice, once
+    in each of two passes over the layers, so that the two timings of a layer lie the other layers' measurements
+    apart, and each way keeps its faster time. Two layers of the same case are timed as one."""
+    model = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
+                          nn.Linear(12, 5))
+    masks = {f"{i}.weight": torch.rand(model[i].weight.shape, generator=torch.Generator().manual_seed(i)) < 0.3
+             for i in (2, 4, 6)}
+    masks["4.weight"] = masks["2.weight"].clone()  # layers 2 and 4 are one case (shape, input, density)
+    calls = []
+    first = {"2": Timing(9.0, 2.0), "6": Timing(1.0, 3.0)}  # layer 2's first timing hit a busy moment
+    second = {"2": Timing(1.0, 2.5), "6": Timing(1.5, 2.0)}
+
+    def fake_time_layer(module, mask, shape, grad, repeats=5):
+        name = next(n for n, m in model.named_children() if m is module)
+        calls.append(name)
+        return (first if calls.count(name) == 1 else second)[name]
+
+    import unittest.mock
+    with unittest.mock.patch.object(execution, "time_layer", fake_time_layer):
+        timings = fastest_sparse(model, masks, torch.randn(3, 12), TimingCache(None))
+    assert calls == ["2", "6", "2", "6"]  # pass 1 over every case, then pass 2
+    assert timings["2.weight"] == timings["4.weight"] == Timing(1.0, 2.0)
+    assert timings["6.weight"] == Timing(1.0, 2.0)
+    assert timings["2.weight"].choice == "sparse"
