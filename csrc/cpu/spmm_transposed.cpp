@@ -87,61 +87,12 @@ __attribute__((target("avx2,fma"))) void scatter_avx2(const float* values, const
   }
 }
 
-// Columns [j, j + 64) of out, every row of A, on AVX-512: four zmm registers of dense per row (half the
-// instructions of the AVX2 pass for the same read-modify-writes). Measured on a 2-core Zen 4, 1 thread: 512 x 3136
-// (a CNN's fc), K = 64 and 128, d = 0.05 and 0.1, 1.06-1.10x; 3072 x 768, K = 256: 1.08-1.20x; at 2 threads within
-// the noise.
-template <typename I>
-__attribute__((target("avx512f,avx2,fma"))) void scatter64_avx512(const float* values, const RowRanges& ranges,
-                                                                 const I* col, const float* dense, float* out,
-                                                                 int64_t rows, int64_t n, int64_t j) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t b = ranges.begin[r * ranges.stride];
-    const int64_t e = ranges.end[r * ranges.stride];
-    if (b == e) continue;
-    __m512 d[4];
-    for (int u = 0; u < 4; ++u) d[u] = _mm512_loadu_ps(dense + r * n + j + 16 * u);
-    int64_t k = b;
-    for (; k + 1 < e; k += 2) {
-      if (k + kPrefetchDistance + 1 < e) {
-        for (int ahead = 0; ahead < 2; ++ahead) {
-          const char* next = reinterpret_cast<const char*>(
-              out + static_cast<int64_t>(col[k + kPrefetchDistance + ahead]) * n + j);
-          for (int line = 0; line < 4; ++line) _mm_prefetch(next + 64 * line, _MM_HINT_T0);
-        }
-      }
-      const __m512 v0 = _mm512_set1_ps(values[k]);
-      const __m512 v1 = _mm512_set1_ps(values[k + 1]);
-      float* o0 = out + static_cast<int64_t>(col[k]) * n + j;
-      float* o1 = out + static_cast<int64_t>(col[k + 1]) * n + j;
-      for (int u = 0; u < 4; ++u) {
-        const __m512 a0 = _mm512_fmadd_ps(v0, d[u], _mm512_loadu_ps(o0 + 16 * u));
-        const __m512 a1 = _mm512_fmadd_ps(v1, d[u], _mm512_loadu_ps(o1 + 16 * u));
-        _mm512_storeu_ps(o0 + 16 * u, a0);
-        _mm512_storeu_ps(o1 + 16 * u, a1);
-      }
-    }
-    if (k < e) {
-      const __m512 v = _mm512_set1_ps(values[k]);
-      float* o = out + static_cast<int64_t>(col[k]) * n + j;
-      for (int u = 0; u < 4; ++u) _mm512_storeu_ps(o + 16 * u, _mm512_fmadd_ps(v, d[u], _mm512_loadu_ps(o + 16 * u)));
-    }
-  }
-}
-
 // Columns [j0, j1) with the widest passes that fit, then the scalar tail.
 template <typename I>
 void scatter_block_avx2(const float* values, const RowRanges& ranges, const I* col, const float* dense,
                         float* out, int64_t rows, int64_t n, int64_t j0, int64_t j1) {
   int64_t j = j0;
-  const bool avx512 = cpu_has_avx512f();
-  for (; j + 64 <= j1; j += 64) {
-    if (avx512) {
-      scatter64_avx512(values, ranges, col, dense, out, rows, n, j);
-    } else {
-      scatter_avx2<8>(values, ranges, col, dense, out, rows, n, j);
-    }
-  }
+  for (; j + 64 <= j1; j += 64) scatter_avx2<8>(values, ranges, col, dense, out, rows, n, j);
   if (j + 32 <= j1) {
     scatter_avx2<4>(values, ranges, col, dense, out, rows, n, j);
     j += 32;
