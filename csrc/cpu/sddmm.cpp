@@ -11,7 +11,8 @@
 //    partial products are reduced together by one transposed tree and stored as one vector (512 x 3136, K = 64,
 //    d = 0.05, one thread: 0.53-0.73 -> 0.24 ms); with AVX2 each nonzero is reduced alone and the bt rows of the
 //    nonzero 4 ahead are prefetched (K = 256, 1024^2, density 0.1, 30 -> 65 GFLOP/s).
-//    Used instead of the row blocks when K is 64 or 128 (per_row_beats_row_blocks).
+//    Slices of 32 take two registers. Used instead of the row blocks when K is 32, 64, 96 or 128
+//    (per_row_beats_row_blocks).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -107,31 +108,35 @@ __attribute__((target("avx512f"))) inline __m512 sum16_avx512(const __m512* p) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(lo, hi, 0x88), _mm512_shuffle_f32x4(lo, hi, 0xDD));
 }
 
-// One nonzero's 64-wide partial products with a's slice (four registers) as a 16-lane vector.
-template <typename I>
-__attribute__((target("avx512f,avx2,fma"))) inline __m512 sddmm_partial64_avx512(const __m512* a_slice,
-                                                                                  const float* b_row) {
+// One nonzero's partial products over a 16 V-wide slice (V = 2 or 4) with a's slice (V registers) as a 16-lane
+// vector.
+template <int V>
+__attribute__((target("avx512f,avx2,fma"))) inline __m512 sddmm_partial_avx512(const __m512* a_slice,
+                                                                                const float* b_row) {
+  static_assert(V == 2 || V == 4);
   __m512 s = _mm512_mul_ps(a_slice[0], _mm512_loadu_ps(b_row));
   __m512 t = _mm512_mul_ps(a_slice[1], _mm512_loadu_ps(b_row + 16));
-  s = _mm512_fmadd_ps(a_slice[2], _mm512_loadu_ps(b_row + 32), s);
-  t = _mm512_fmadd_ps(a_slice[3], _mm512_loadu_ps(b_row + 48), t);
+  if constexpr (V == 4) {
+    s = _mm512_fmadd_ps(a_slice[2], _mm512_loadu_ps(b_row + 32), s);
+    t = _mm512_fmadd_ps(a_slice[3], _mm512_loadu_ps(b_row + 48), t);
+  }
   return _mm512_add_ps(s, t);
 }
 
-// A full 64-wide K-slice of row r's nonzeros [b, e), sixteen nonzeros at a time: their partial products stay in
-// registers and one transposed reduction gives the 16 dot products, stored contiguously (CSR order). The
+// A full 16 V-wide K-slice (64 or 32) of row r's nonzeros [b, e), sixteen nonzeros at a time: their partial products
+// stay in registers and one transposed reduction gives the 16 dot products, stored contiguously (CSR order). The
 // independent loads of 16 random bt rows overlap in the out-of-order window, with no reduction between them.
-template <typename I>
-__attribute__((target("avx512f,avx2,fma"))) void sddmm_slice64_avx512(const float* a_row, const float* bt,
-                                                                     const I* col, int64_t b, int64_t e, int64_t K,
-                                                                     int64_t j0, bool first, float* acc) {
-  __m512 a_slice[4];
-  for (int u = 0; u < 4; ++u) a_slice[u] = _mm512_loadu_ps(a_row + j0 + 16 * u);
+template <int V, typename I>
+__attribute__((target("avx512f,avx2,fma"))) void sddmm_slice_avx512(const float* a_row, const float* bt,
+                                                                   const I* col, int64_t b, int64_t e, int64_t K,
+                                                                   int64_t j0, bool first, float* acc) {
+  __m512 a_slice[V];
+  for (int u = 0; u < V; ++u) a_slice[u] = _mm512_loadu_ps(a_row + j0 + 16 * u);
   int64_t k = b;
   for (; k + 16 <= e; k += 16) {
     __m512 p[16];
     for (int j = 0; j < 16; ++j) {
-      p[j] = sddmm_partial64_avx512<I>(a_slice, bt + static_cast<int64_t>(col[k + j]) * K + j0);
+      p[j] = sddmm_partial_avx512<V>(a_slice, bt + static_cast<int64_t>(col[k + j]) * K + j0);
     }
     __m512 sums = sum16_avx512(p);
     if (!first) sums = _mm512_add_ps(sums, _mm512_loadu_ps(acc + k));
@@ -141,7 +146,7 @@ __attribute__((target("avx512f,avx2,fma"))) void sddmm_slice64_avx512(const floa
     const int n = static_cast<int>(e - k);
     __m512 p[16];
     for (int j = 0; j < 16; ++j) {
-      p[j] = j < n ? sddmm_partial64_avx512<I>(a_slice, bt + static_cast<int64_t>(col[k + j]) * K + j0)
+      p[j] = j < n ? sddmm_partial_avx512<V>(a_slice, bt + static_cast<int64_t>(col[k + j]) * K + j0)
                    : _mm512_setzero_ps();
     }
     const __mmask16 lanes = static_cast<__mmask16>((uint32_t{1} << n) - 1);
@@ -279,11 +284,12 @@ bool use_row_blocks(int64_t rows, int64_t cols, int64_t nnz, int64_t K) {
   return nnz * block_rows >= rows * cols;  // expected nonzeros per block >= cols
 }
 
-// With K one or two 64-wide slices (a batch of 64 or 128) the per-row path's sixteen-at-a-time reduction beats the
-// row blocks at every shape measured (2-core Zen 4, 1 and 2 threads): 2.1-2.9x at 512 x 3136 (a CNN's fc, d = 0.05
-// and 0.1, K = 64), 1.3-1.6x at K = 128, up to 4096 x 4096; at K = 256 the row blocks win on large operands (4096 x
-// 4096, d = 0.1: 1.5x), and a K not a multiple of 64 leaves the per-row path a scalar tail.
-bool per_row_beats_row_blocks(int64_t K) { return K % 64 == 0 && K <= 128; }
+// With K of 32 to 128 in 32-wide steps (a batch of 32, 64, 96 or 128) the per-row path's sixteen-at-a-time
+// reduction beats the row blocks at every shape measured (2-core Zen 4, 1 and 2 threads; results/sddmm_2026-12-08.md):
+// at 512 x 3136 (a CNN's fc) 2.1-2.9x at K = 64, 1.3-1.6x at K = 128, 2.7-3.9x at K = 32, 1.7x at K = 96, up to
+// 4096 x 4096; at K = 256 the row blocks win on large operands (4096 x 4096, d = 0.1: 1.5x), and other K would leave
+// the per-row path a scalar tail.
+bool per_row_beats_row_blocks(int64_t K) { return K % 32 == 0 && K <= 128; }
 
 // 2-D blocking as in spmm.cpp: K in slices of 64, and bt's rows (the pattern's columns) in panels so that one
 // panel's slice (panel x 64) fits in about 512 KiB of L2.
@@ -345,7 +351,11 @@ void sddmm_impl(const at::Tensor& a, const at::Tensor& bt, const int64_t* crow, 
 #if defined(FEDSPA_X86_DISPATCH)
           if constexpr (std::is_same_v<T, float>) {
             if (j1 - j0 == kSlice && per_row_avx512) {
-              sddmm_slice64_avx512(a_row, bt_data, col, b, e, K, j0, j0 == 0, acc);
+              sddmm_slice_avx512<4>(a_row, bt_data, col, b, e, K, j0, j0 == 0, acc);
+              continue;
+            }
+            if (j1 - j0 == kSlice / 2 && per_row_avx512) {
+              sddmm_slice_avx512<2>(a_row, bt_data, col, b, e, K, j0, j0 == 0, acc);
               continue;
             }
             if (j1 - j0 == kSlice && cpu_has_avx2_fma()) {

@@ -78,9 +78,9 @@ def test_spmm_sddmm_dtypes(backend, device, dtype):
 
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("shape", SHAPES)
-# k = 64, 128: the CPU per-row path, sixteen nonzeros at a time (every tail length); k = 300: a full 256-wide slice
-# of the CPU row-block path and a masked 44-wide tail
-@pytest.mark.parametrize("k", [1, 7, 64, 128, 130, 300])
+# k = 32, 64, 96, 128: the CPU per-row path, sixteen nonzeros at a time (every tail length), slices of 64 and 32;
+# k = 300: a full 256-wide slice of the CPU row-block path and a masked 44-wide tail
+@pytest.mark.parametrize("k", [1, 7, 32, 64, 96, 128, 130, 300])
 @pytest.mark.parametrize("backend,device", PARAMS)
 def test_sddmm_matches_dense(backend, device, shape, density, k):
     if backend == "triton" and device == "cpu" and shape[1] > 500 and (k > 7 or density > 0.01):
