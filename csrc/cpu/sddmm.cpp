@@ -286,9 +286,9 @@ bool use_row_blocks(int64_t rows, int64_t cols, int64_t nnz, int64_t K) {
 
 // With K of 32 to 128 in 32-wide steps (a batch of 32, 64, 96 or 128) the per-row path's sixteen-at-a-time
 // reduction beats the row blocks at every shape measured (2-core Zen 4, 1 and 2 threads; results/sddmm_2026-12-08.md):
-// at 512 x 3136 (a CNN's fc) 2.1-2.9x at K = 64, 1.3-1.6x at K = 128, 2.7-3.9x at K = 32, 1.7x at K = 96, up to
-// 4096 x 4096; at K = 256 the row blocks win on large operands (4096 x 4096, d = 0.1: 1.5x), and other K would leave
-// the per-row path a scalar tail.
+// at 512 x 3136 (a CNN's fc) 2.0-3.0x at K = 64, 1.3-1.6x at K = 128 (1 thread), 2.7-3.9x at K = 32, 1.4-1.8x at
+// K = 96, up to 4096 x 4096; at K = 256 the row blocks win on large operands (4096 x 4096, d = 0.1: 1.5x), and other
+// K would leave the per-row path a scalar tail.
 bool per_row_beats_row_blocks(int64_t K) { return K % 32 == 0 && K <= 128; }
 
 // 2-D blocking as in spmm.cpp: K in slices of 64, and bt's rows (the pattern's columns) in panels so that one
